@@ -1,0 +1,665 @@
+"""Laplace approximations over the weights of a network.
+
+:class:`BaseLaplace` holds what every Laplace approximation shares: the likelihood, the
+hyperparameters (prior precision and mean, observation noise, temperature), their checks,
+prior tuning and the predictive dispatch. :class:`ParametricLaplace` is the one algorithm of a
+weight-space Gaussian posterior, written once for every structure and subset:
+
+- ``fit`` adds each batch's curvature from the backend to a structure object
+  (:mod:`laplace.posterior`);
+- the posterior precision is ``P = H / (sigma^2 T) + diag(p0)``, built by
+  ``Curvature.with_prior``, which reuses a cached decomposition of ``H``;
+- the log marginal likelihood is ``log p(D|theta) - 0.5 (log det P - log det P0 + scatter)``
+  (MacKay, 1992; Immer et al., ICML 2021);
+- the GLM predictive is ``N(f(x), J P^-1 J^T)`` followed by a link approximation
+  (Immer, Korzepa & Bauer, AISTATS 2021).
+
+The public classes of the grid (``FullLaplace``, ``KronLaplace``, ``DiagLaplace``) only declare
+their structure.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from laplace.hyperparameters import HyperparameterMixin
+from laplace.posterior.base import Curvature, Posterior
+from laplace.posterior.dense import DenseCurvature
+from laplace.posterior.diag import DiagCurvature
+from laplace.posterior.kron import KronCurvature
+from laplace.predictive import apply_link, glm_samples
+from laplace.subsets import AllWeights
+from laplace.tuning import PriorTuningMixin
+from laplace.utils.data import Inputs, check_finite_inputs, dataset_size, unpack_batch
+from laplace.utils.enums import HessianStructure, Likelihood, LinkApprox, PredType, parse_enum
+from laplace.utils.linear_jacobians import linear_jacobian_factors
+from laplace.utils.matrix import Kron
+
+__all__ = [
+    "BaseLaplace",
+    "DiagLaplace",
+    "FullLaplace",
+    "KronLaplace",
+    "LowRankLaplace",
+    "ParametricLaplace",
+]
+
+
+class BaseLaplace(HyperparameterMixin, PriorTuningMixin):
+    """Base class of every Laplace approximation.
+
+    Args:
+        model: The trained network; its output has shape ``(batch, outputs)``.
+        likelihood: ``"classification"``, ``"regression"`` or ``"reward_modeling"``.
+        sigma_noise: Observation noise standard deviation (regression only; must be 1
+            otherwise).
+        prior_precision: Scalar, per-layer or per-parameter precision of the Gaussian prior.
+        prior_mean: Scalar or per-parameter prior mean.
+        temperature: Likelihood temperature; values below 1 concentrate the posterior.
+        enable_backprop: Keep the predictive differentiable w.r.t. the input.
+        dict_key_x: Key of the inputs in dict-like batches.
+        dict_key_y: Key of the targets in dict-like batches.
+        backend: Curvature backend class (default ``CurvlinopsGGN``).
+        backend_kwargs: Keyword arguments for the backend's constructor.
+        asdl_fisher_kwargs: Keyword arguments for ASDL's Fisher computation.
+
+    Raises:
+        ValueError: For unknown option strings, ``sigma_noise != 1`` outside regression,
+            non-positive precisions or temperatures, or a backend that cannot compute the
+            requested structure.
+    """
+
+    _structure: ClassVar[HessianStructure | None] = None
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        sigma_noise: float | Tensor = 1.0,
+        prior_precision: float | Tensor = 1.0,
+        prior_mean: float | Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: type | None = None,
+        backend_kwargs: dict[str, Any] | None = None,
+        asdl_fisher_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.likelihood = parse_enum(Likelihood, likelihood, "likelihood")
+        self.model = model
+        self.subset = self._make_subset(model)
+        self.enable_backprop = bool(enable_backprop)
+        self.dict_key_x = dict_key_x
+        self.dict_key_y = dict_key_y
+        self._backend_cls = self._check_backend(backend)
+        self._backend_kwargs = dict(backend_kwargs or {})
+        self._asdl_fisher_kwargs = dict(asdl_fisher_kwargs or {})
+        self._backend = None
+        self.n_outputs: int | None = None
+        self.n_data: int | None = None
+        self.loss: Tensor | float = 0.0
+        self._init_hyperparameters(sigma_noise, prior_precision, prior_mean, temperature)
+
+    def _make_subset(self, model: nn.Module) -> AllWeights:
+        return AllWeights(model)
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return self.subset.params
+
+    @property
+    def n_params(self) -> int:
+        return sum(self.subset.sizes)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.subset.sizes)
+
+    @property
+    def _device(self) -> torch.device:
+        return self.params[0].device
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
+    def _check_backend(self, backend: type | None) -> type:
+        from laplace.curvature import BACKENDS, CurvlinopsGGN
+
+        backend = CurvlinopsGGN if backend is None else backend
+        if not isinstance(backend, type) or not hasattr(backend, "structures"):
+            raise ValueError(f"backend must be a curvature backend class, got {backend!r}")
+        structure = self._structure
+        if structure is not None and structure not in backend.structures:
+            able = [b.__name__ for b in BACKENDS if structure in b.structures]
+            raise ValueError(
+                f"backend {backend.__name__} cannot compute hessian_structure="
+                f"{structure.value!r}; backends that can: {', '.join(able)}"
+            )
+        return backend
+
+    @property
+    def backend(self) -> Any:
+        """The curvature backend instance (created on first use)."""
+        if self._backend is None:
+            likelihood = (
+                Likelihood.CLASSIFICATION
+                if self.likelihood == Likelihood.REWARD_MODELING
+                else self.likelihood
+            )
+            self._backend = self._backend_cls(
+                self.subset.backend_model(),
+                likelihood,
+                dict_key_x=self.dict_key_x,
+                dict_key_y=self.dict_key_y,
+                **self.subset.backend_kwargs(),
+                **self._backend_kwargs,
+            )
+        return self._backend
+
+    def _check_fitted(self) -> None:
+        if self.n_data is None:
+            raise ValueError(
+                f"{type(self).__name__} is not fitted yet: call fit(train_loader) first"
+            )
+
+    # ---------------------------------------------------------------- predictive
+    def __call__(
+        self,
+        x: Inputs,
+        pred_type: PredType | str = PredType.GLM,
+        joint: bool = False,
+        link_approx: LinkApprox | str = LinkApprox.PROBIT,
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+        fitting: bool = False,
+        **model_kwargs: Any,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Posterior predictive at ``x``.
+
+        Classification returns probabilities ``(batch, classes)``; regression (and reward
+        modelling outside fitting) returns ``(f_mu, f_var)`` with ``f_var`` of shape
+        ``(batch, outputs, outputs)``, ``(batch, outputs)`` with ``diagonal_output``, or
+        ``(batch*outputs, batch*outputs)`` with ``joint`` (then ``f_mu`` is flattened). The
+        ``nn`` predictive for regression returns the sample mean and variance
+        ``(batch, outputs)``.
+
+        Args:
+            x: Inputs, a tensor or a dict-like batch.
+            pred_type: ``"glm"`` (linearised) or ``"nn"`` (parameter sampling).
+            joint: Joint covariance over the batch (GLM regression).
+            link_approx: ``"probit"``, ``"bridge"``, ``"bridge_norm"`` or ``"mc"``
+                (GLM classification).
+            n_samples: Number of samples for ``mc`` and ``nn``.
+            diagonal_output: Ignore output correlations.
+            generator: Random number generator for sampling.
+            fitting: For reward modelling, predict as the classifier used in ``fit``.
+            **model_kwargs: Extra keyword arguments for the model (``nn`` predictive).
+        """
+        pred_type = parse_enum(PredType, pred_type, "pred_type")
+        link_approx = parse_enum(LinkApprox, link_approx, "link_approx")
+        self._check_predict_args(pred_type, n_samples, generator)
+        likelihood = self._predictive_likelihood(fitting)
+        if pred_type == PredType.NN:
+            samples = self._nn_samples(x, n_samples, generator, **model_kwargs)
+            if likelihood == Likelihood.CLASSIFICATION:
+                return torch.softmax(samples, dim=-1).mean(0)
+            return samples.mean(0), samples.var(0)
+        if model_kwargs:
+            warnings.warn("model_kwargs are ignored by the GLM predictive", stacklevel=2)
+        regression = likelihood == Likelihood.REGRESSION
+        if regression:
+            diagonal = diagonal_output and not joint
+        else:
+            diagonal = link_approx == LinkApprox.PROBIT or (
+                link_approx == LinkApprox.MC and diagonal_output
+            )
+        if diagonal:
+            f_mu, f_var = self._glm_predictive_diagonal(x)
+        else:
+            f_mu, f_var = self._glm_predictive_distribution(x, joint=joint and regression)
+        if regression:
+            return f_mu, f_var
+        return apply_link(f_mu, f_var, link_approx, n_samples, diagonal_output, generator)
+
+    def _glm_predictive_diagonal(self, x: Inputs) -> tuple[Tensor, Tensor]:
+        """``f_mu`` and the diagonal of ``f_var``, for predictives that need no correlations.
+
+        Subclasses that can skip the off-diagonal entries override this.
+
+        Shapes:
+            ``-> (batch, outputs), (batch, outputs)``
+        """
+        f_mu, f_var = self._glm_predictive_distribution(x)
+        return f_mu, f_var.diagonal(dim1=-2, dim2=-1)
+
+    def predictive(self, x: Inputs, *args: Any, **kwargs: Any) -> Tensor | tuple[Tensor, Tensor]:
+        """Alias of :meth:`__call__`."""
+        return self(x, *args, **kwargs)
+
+    def _predictive_likelihood(self, fitting: bool) -> Likelihood:
+        if self.likelihood == Likelihood.REWARD_MODELING:
+            return Likelihood.CLASSIFICATION if fitting else Likelihood.REGRESSION
+        return self.likelihood
+
+    def _check_predict_args(
+        self, pred_type: PredType, n_samples: int, generator: torch.Generator | None
+    ) -> None:
+        self._check_fitted()
+        if pred_type == PredType.GP:
+            raise ValueError(
+                f"pred_type='gp' needs a function-space Laplace; {type(self).__name__} "
+                "accepts 'glm' or 'nn'"
+            )
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+
+    def predictive_samples(
+        self,
+        x: Inputs,
+        pred_type: PredType | str = PredType.GLM,
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Samples of the predictive (after the link), ``(n_samples, batch, outputs)``."""
+        samples = self.functional_samples(x, pred_type, n_samples, diagonal_output, generator)
+        if self._predictive_likelihood(False) == Likelihood.CLASSIFICATION:
+            return torch.softmax(samples, dim=-1)
+        return samples
+
+    def functional_samples(
+        self,
+        x: Inputs,
+        pred_type: PredType | str = PredType.GLM,
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Samples of the network output before the link, ``(n_samples, batch, outputs)``."""
+        pred_type = parse_enum(PredType, pred_type, "pred_type")
+        self._check_predict_args(pred_type, n_samples, generator)
+        if pred_type == PredType.NN:
+            return self._nn_samples(x, n_samples, generator)
+        if diagonal_output:
+            f_mu, f_var = self._glm_predictive_diagonal(x)
+        else:
+            f_mu, f_var = self._glm_predictive_distribution(x)
+        return glm_samples(f_mu, f_var, n_samples, diagonal_output, generator)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_backend"] = None
+        state["_posterior_cache"] = None
+        return state
+
+
+class ParametricLaplace(BaseLaplace):
+    """Gaussian posterior ``N(theta_MAP, P^-1)`` over the parameters of a subset.
+
+    Subclasses declare the structure through ``_structure`` and ``_curvature_cls``.
+    """
+
+    _curvature_cls: ClassVar[type[Curvature]]
+
+    def __init__(self, model: nn.Module, likelihood: Likelihood | str, *args, **kwargs) -> None:
+        if type(self)._structure is None:
+            raise TypeError(
+                f"{type(self).__name__} is abstract: use FullLaplace, KronLaplace, ..."
+            )
+        super().__init__(model, likelihood, *args, **kwargs)
+        self.mean = self.subset.mean()
+        self.H: Curvature | None = None
+
+    def _new_curvature(self) -> Curvature:
+        H = self._make_curvature()
+        H.assume_psd = self._backend_cls.psd_curvature
+        return H
+
+    def _make_curvature(self) -> Curvature:
+        return self._curvature_cls.zeros(self.params)
+
+    def fit(self, train_loader: Any, override: bool = True, progress_bar: bool = False) -> None:
+        """Fit the curvature at the current parameters of the model.
+
+        Args:
+            train_loader: Yields ``(X, y)`` or dict-like batches; ``len(train_loader.dataset)``
+                is the number of data points.
+            override: Start afresh; ``False`` adds to the previous fit (online learning).
+            progress_bar: Show a tqdm progress bar over batches.
+
+        Raises:
+            ValueError: For a loader without ``dataset``, an empty loader, NaN inputs, wrong
+                targets, or NaN/Inf curvature.
+        """
+        n_data = dataset_size(train_loader)
+        if override or self.H is None:
+            self.H, self.loss, self.n_data = self._new_curvature(), 0.0, None
+        self.model.eval()
+        self.mean = self.subset.mean()
+        if not torch.isfinite(self.mean).all():
+            raise ValueError("the model's parameters contain NaN or Inf; cannot fit at them")
+        H_new, loss, n_batches = self._new_curvature(), 0.0, 0
+        for batch in tqdm(train_loader, desc="fit", disable=not progress_bar):
+            X, y = unpack_batch(batch, self.dict_key_x, self.dict_key_y, self._device)
+            check_finite_inputs(X)
+            if self.n_outputs is None or n_batches == 0:
+                self._set_n_outputs(X)
+            batch_loss, H_batch = self._curvature_step(X, y, n_data)
+            if H_batch is not None:
+                H_new.add_(H_batch)
+            loss = loss + batch_loss.detach()
+            n_batches += 1
+        if n_batches == 0:
+            raise ValueError("train_loader yielded no batches")
+        self._merge_fit(H_new, n_data)
+        self.loss = self.loss + loss
+        self.n_data = n_data + (self.n_data or 0)
+        self._posterior_cache = None
+
+    def _merge_fit(self, H_new: Curvature, n_data: int) -> None:
+        self.H.add_(H_new.public())
+
+    def _set_n_outputs(self, X: Inputs) -> None:
+        with torch.no_grad():
+            out = self.model(X)
+        if out.ndim != 2:
+            raise ValueError(
+                f"model output must have shape (batch, outputs), got {tuple(out.shape)}"
+            )
+        if self.n_outputs is not None and out.shape[-1] != self.n_outputs:
+            raise ValueError(
+                f"model now has {out.shape[-1]} outputs, was fitted with {self.n_outputs}"
+            )
+        self.n_outputs = out.shape[-1]
+
+    def _curvature_step(self, X: Inputs, y: Tensor, n_data: int) -> tuple[Tensor, Any]:
+        """``(loss, curvature)`` of a batch; a ``None`` curvature is not added (low-rank)."""
+        method = getattr(self.backend, self._structure.value)
+        return method(X, y, N=n_data, **self._asdl_fisher_kwargs)
+
+    # ----------------------------------------------------------------- posterior
+    @property
+    def posterior(self) -> Posterior:
+        """The posterior precision object for the current hyperparameters."""
+        self._check_fitted()
+        cache = getattr(self, "_posterior_cache", None)
+        if cache is None:
+            cache = self.H.with_prior(self.prior_precision, self._H_factor)
+            self._posterior_cache = cache
+        return cache
+
+    @property
+    def posterior_precision(self) -> Any:
+        """``P`` (dense for full, a vector for diag, ``KronDecomposed`` for kron)."""
+        return self.posterior.precision()
+
+    @property
+    def posterior_covariance(self) -> Tensor:
+        return self.posterior.covariance()
+
+    @property
+    def posterior_scale(self) -> Tensor:
+        return self.posterior.scale()
+
+    @property
+    def posterior_variance(self) -> Tensor:
+        return self.posterior.variance()
+
+    @property
+    def log_det_posterior_precision(self) -> Tensor:
+        return self.posterior.logdet()
+
+    @property
+    def log_det_ratio(self) -> Tensor:
+        return self.log_det_posterior_precision - self.log_det_prior_precision
+
+    @property
+    def scatter(self) -> Tensor:
+        """``(theta - mu0)^T P0 (theta - mu0)``."""
+        delta = self.mean - self.prior_mean
+        return (delta * self.prior_precision_diag) @ delta
+
+    @property
+    def log_likelihood(self) -> Tensor:
+        """``log p(D | theta_MAP)``, differentiable in ``sigma_noise``."""
+        self._check_fitted()
+        log_lik = -self._H_factor * self.loss
+        if self.likelihood == Likelihood.REGRESSION:
+            norm = (
+                self.n_data * self.n_outputs * torch.log(self.sigma_noise * math.sqrt(2 * math.pi))
+            )
+            log_lik = log_lik - norm
+        return log_lik
+
+    def log_marginal_likelihood(
+        self, prior_precision: Tensor | None = None, sigma_noise: Tensor | None = None
+    ) -> Tensor:
+        """Laplace approximation of ``log p(D)``; values passed in replace the stored ones.
+
+        Differentiable w.r.t. ``prior_precision`` and ``sigma_noise``.
+        """
+        if prior_precision is not None:
+            self.prior_precision = prior_precision
+        if sigma_noise is not None:
+            self.sigma_noise = sigma_noise
+        return self.log_likelihood - 0.5 * (self.log_det_ratio + self.scatter)
+
+    def square_norm(self, value: Tensor) -> Tensor:
+        """``(value - mean)^T P (value - mean)``."""
+        return self.posterior.quad(value - self.mean)
+
+    def log_prob(self, value: Tensor, normalized: bool = True) -> Tensor:
+        """Log density of ``value`` under the posterior."""
+        log_prob = -0.5 * self.square_norm(value)
+        if normalized:
+            log_prob = log_prob + 0.5 * (
+                self.log_det_posterior_precision - self.n_params * math.log(2 * math.pi)
+            )
+        return log_prob
+
+    def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> Tensor:
+        """Parameter samples ``(n_samples, params)`` from the posterior."""
+        return self.mean + self.posterior.sample(n_samples, generator)
+
+    def functional_variance(self, Js: Tensor) -> Tensor:
+        """``J P^-1 J^T`` per sample: ``(batch, outputs, params) -> (batch, outputs, outputs)``."""
+        return self.posterior.inv_quad(Js)
+
+    def functional_covariance(self, Js: Tensor) -> Tensor:
+        """Joint ``J P^-1 J^T``: ``(batch, outputs, params) -> (batch*outputs, batch*outputs)``."""
+        return self.posterior.inv_quad_joint(Js.reshape(-1, Js.shape[-1]))
+
+    def _glm_predictive_distribution(
+        self, X: Inputs, joint: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """``(f_mu, f_var)`` of the linearised model at ``X``."""
+        if not self.enable_backprop:
+            check_finite_inputs(X)
+        Js, f_mu = self.subset.jacobians(self.backend, X, self.enable_backprop)
+        if joint:
+            return f_mu.reshape(-1), self.functional_covariance(Js)
+        return f_mu, self.functional_variance(Js)
+
+    def _nn_samples(
+        self, X: Inputs, n_samples: int, generator: torch.Generator | None, **model_kwargs: Any
+    ) -> Tensor:
+        """Network outputs at parameter samples, ``(n_samples, batch, outputs)``."""
+        thetas = self.sample(n_samples, generator)
+        context = torch.enable_grad() if self.enable_backprop else torch.no_grad()
+        with context:
+            outs = [self.subset.forward_at(X, theta, **model_kwargs) for theta in thetas]
+        return torch.stack(outs)
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors and numbers that restore the fitted approximation."""
+        self._check_fitted()
+        return {
+            "cls_name": type(self).__name__,
+            "structure": self._structure.value,
+            "param_shapes": [list(p.shape) for p in self.params],
+            "mean": self.mean.detach(),
+            "H": self.H.state_dict(),
+            "loss": torch.as_tensor(self.loss).detach(),
+            "prior_mean": self.prior_mean.detach(),
+            "prior_precision": self.prior_precision.detach(),
+            "sigma_noise": self.sigma_noise.detach(),
+            "temperature": self.temperature,
+            "n_data": self.n_data,
+            "n_outputs": self.n_outputs,
+            "likelihood": self.likelihood.value,
+            "enable_backprop": self.enable_backprop,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a fitted approximation saved by :meth:`state_dict`.
+
+        Raises:
+            ValueError: If the state was saved from another class, structure, likelihood or
+                a model with other parameter shapes.
+        """
+        expected = {
+            "cls_name": type(self).__name__,
+            "structure": self._structure.value,
+            "likelihood": self.likelihood.value,
+            "param_shapes": [list(p.shape) for p in self.params],
+        }
+        for key, value in expected.items():
+            if key not in state_dict:
+                raise ValueError(f"state_dict has no {key!r}: it was not saved by state_dict()")
+            if state_dict[key] != value:
+                raise ValueError(
+                    f"state_dict was saved with {key}={state_dict[key]!r}, this object has "
+                    f"{key}={value!r}"
+                )
+        H = self._new_curvature()
+        H.load_state_dict(state_dict["H"])
+        self.H = H
+        device, dtype = self._device, self._dtype
+        self.mean = state_dict["mean"].to(device=device, dtype=dtype)
+        self.loss = state_dict["loss"].to(device=device, dtype=dtype)
+        self.n_data, self.n_outputs = state_dict["n_data"], state_dict["n_outputs"]
+        self.prior_mean = state_dict["prior_mean"]
+        self.prior_precision = state_dict["prior_precision"]
+        self.sigma_noise = state_dict["sigma_noise"]
+        self.temperature = state_dict["temperature"]
+        self.enable_backprop = state_dict["enable_backprop"]
+        self._posterior_cache = None
+
+
+class FullLaplace(ParametricLaplace):
+    """Laplace approximation with a dense posterior precision ``P`` (params x params)."""
+
+    _structure = HessianStructure.FULL
+    _curvature_cls = DenseCurvature
+
+
+class DiagLaplace(ParametricLaplace):
+    """Laplace approximation with a diagonal posterior precision."""
+
+    _structure = HessianStructure.DIAG
+    _curvature_cls = DiagCurvature
+
+
+class KronLaplace(ParametricLaplace):
+    """Laplace approximation with a Kronecker-factored (K-FAC) posterior precision.
+
+    Each layer's block is ``B kron A`` (Martens & Grosse, 2015; Ritter et al., 2018); the
+    prior is added in the factors' eigenbasis. With ``damping=True`` the prior is split
+    evenly across the two factors (``(B + sqrt(d) I) kron (A + sqrt(d) I)``). Supports scalar
+    and layerwise prior precisions.
+    """
+
+    _structure = HessianStructure.KRON
+    _curvature_cls = KronCurvature
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        sigma_noise: float | Tensor = 1.0,
+        prior_precision: float | Tensor = 1.0,
+        prior_mean: float | Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: type | None = None,
+        damping: bool = False,
+        backend_kwargs: dict[str, Any] | None = None,
+        asdl_fisher_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.damping = bool(damping)
+        super().__init__(
+            model,
+            likelihood,
+            sigma_noise=sigma_noise,
+            prior_precision=prior_precision,
+            prior_mean=prior_mean,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            backend=backend,
+            backend_kwargs=backend_kwargs,
+            asdl_fisher_kwargs=asdl_fisher_kwargs,
+        )
+
+    def _make_curvature(self) -> Curvature:
+        return KronCurvature.zeros(self.params, damping=self.damping)
+
+    def _glm_predictive_distribution(
+        self, X: Inputs, joint: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Per-layer GLM variance for linear layers; the generic Jacobian route otherwise."""
+        if joint or not isinstance(self.subset, AllWeights):
+            return super()._glm_predictive_distribution(X, joint)
+        if not self.enable_backprop:
+            check_finite_inputs(X)
+        factored = linear_jacobian_factors(
+            self.model, self.subset.named_params, X, create_graph=self.enable_backprop
+        )
+        if factored is None:
+            return super()._glm_predictive_distribution(X, joint)
+        factors, f_mu = factored
+        return f_mu, self.posterior_precision.inv_square_form_factored(factors)
+
+    def _check_prior_structure(self, value: Tensor) -> None:
+        if value.numel() not in (1, self.n_layers):
+            raise ValueError(
+                f"{type(self).__name__} supports a scalar or layerwise ({self.n_layers} entries) "
+                f"prior_precision, got {value.numel()} entries"
+            )
+
+    def _merge_fit(self, H_new: Curvature, n_data: int) -> None:
+        """Combine with an earlier fit, weighting the data-averaged input factors by size."""
+        n_old = self.n_data or 0
+        if n_old:
+            total = n_old + n_data
+            _scale_input_factors(self.H.public(), n_old / total)
+            _scale_input_factors(H_new.public(), n_data / total)
+        self.H.add_(H_new.public())
+
+
+def _scale_input_factors(kron: Kron, weight: float) -> None:
+    for factors in kron.kfacs:
+        if len(factors) == 2:
+            factors[1].mul_(weight)
+
+
+# Re-exported here for the public import path ``laplace.baselaplace.LowRankLaplace``; it lives
+# in its own module (it subclasses ParametricLaplace, so it is imported last).
+from laplace.lowrank import LowRankLaplace  # noqa: E402

@@ -1,0 +1,455 @@
+"""Curvature backends built on the public API of ``curvlinops`` (Dangel et al.).
+
+``curvlinops`` represents curvature matrices as linear operators. :class:`CurvlinopsGGN`,
+:class:`CurvlinopsEF` and :class:`CurvlinopsHessian` use them for three structures:
+
+- ``full``: the operator (GGN, its Monte-Carlo Fisher, empirical Fisher or Hessian) applied to
+  blocks of identity columns, at most ``_CHUNK_ENTRIES`` entries per block, so a dense
+  ``(params, params)`` matrix costs ``params`` matrix-vector products. With
+  ``subnetwork_indices`` only those columns are formed.
+- ``diag``: the exact ``torch.func`` diagonals of :class:`~laplace.curvature.GGNInterface`
+  and :class:`~laplace.curvature.EFInterface` for the GGN and EF. The Hessian diagonal is read
+  off the same column blocks as ``full``: ``params`` Hessian-vector products, with the memory
+  of one block.
+- ``kron``: K-FAC (Martens & Grosse, 2015; Grosse & Martens, 2016) by
+  ``curvlinops.KFACLinearOperator`` with the "expand" approximation for weight sharing
+  (Eschenhagen et al., 2023), separate weight and bias blocks, and Fisher type ``type-2``
+  (exact GGN), ``mc`` (sampled Fisher) or ``empirical``. Only parameters of ``nn.Linear`` and
+  ``nn.Conv2d`` layers are supported.
+
+Scaling: every returned curvature is that of the library loss ``factor * sum_n loss_n``
+(``factor = 1/2`` for the summed squared error), while ``curvlinops`` differentiates the
+summed ``MSELoss``/``CrossEntropyLoss``. The GGN, Fisher and Hessian are linear in the loss
+and are multiplied by ``factor``; the empirical Fisher is quadratic and by ``factor ** 2``.
+
+K-FAC batch convention: for a batch of ``M`` out of ``N`` data points and a layer with ``R``
+weight-sharing locations (``R = 1`` for a linear layer on vectors, the number of output pixels
+of a convolution), the block of the row-major flattened weight is ``kron(B, A)`` and the bias
+block is ``B`` with
+
+    A = M / N * 1 / (M R) * sum_{n, r} a_nr a_nr^T = 1 / (N R) * sum_{n, r} a_nr a_nr^T,
+    B = sum_{n, r, c} g_nrc g_nrc^T,
+
+where ``a_nr`` are layer inputs (unfolded patches for convolutions) and ``g_nrc`` output
+gradients for the columns ``c`` of a square root of the loss Hessian (or sampled, or the
+loss gradient). ``A`` is ``curvlinops``' batch mean rescaled by ``M / N`` and ``B`` the batch
+sum. Summing the factors over the batches of a data set (the usual K-FAC accumulation, as
+``Kron`` addition does) gives exactly the full-data K-FAC
+``(1/(N R) sum aa^T) ⊗ (sum gg^T)`` and the full-data bias blocks ``sum gg^T``, whatever
+the batch sizes. Putting ``M / N`` on ``B`` instead would give the same weight blocks per
+batch but bias blocks too small by ``M / N`` once summed.
+
+The factors are read through ``KFACLinearOperator.compute_kronecker_factors`` and
+``state_dict``, and the parameter positions through ``compute_parameter_mapping``; no private
+attribute of ``curvlinops`` is used.
+
+References:
+    Dangel, F., et al. curvlinops: scipy linear operators for curvature matrices in PyTorch
+    (software), https://github.com/f-dangel/curvlinops.
+    Martens, J., Grosse, R. Optimizing neural networks with Kronecker-factored approximate
+    curvature. ICML, 2015.
+    Grosse, R., Martens, J. A Kronecker-factored approximate Fisher matrix for convolution
+    layers. ICML, 2016.
+    Eschenhagen, R., Immer, A., Turner, R. E., Schneider, F., Hennig, P. Kronecker-factored
+    approximate curvature for modern neural network architectures. NeurIPS, 2023.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from curvlinops import (
+    EFLinearOperator,
+    FisherMCLinearOperator,
+    FisherType,
+    GGNLinearOperator,
+    HessianLinearOperator,
+    KFACLinearOperator,
+    KFACType,
+)
+from torch import Tensor, nn
+
+from laplace.curvature.curvature import CurvatureInterface, EFInterface, GGNInterface
+from laplace.utils.data import Inputs, batch_size
+from laplace.utils.enums import HessianStructure
+from laplace.utils.matrix import Kron
+
+__all__ = ["CurvlinopsInterface", "CurvlinopsGGN", "CurvlinopsEF", "CurvlinopsHessian"]
+
+_CHUNK_ENTRIES = 2**22
+_GRAM_MAX_ENTRIES = 2**25
+"""Most entries in one block of identity columns (and in its product with the operator)."""
+
+_KFAC_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+def _column_blocks(
+    operator: Any, indices: Tensor, like: Tensor
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Multiply the operator onto blocks of the identity's columns ``indices``.
+
+    Args:
+        operator: A square ``curvlinops`` linear operator of size ``params``.
+        indices: The columns to form.
+        like: A tensor giving the device and dtype of the identity columns.
+
+    Yields:
+        ``(cols, operator @ E[:, cols])`` for consecutive blocks ``cols`` of ``indices``.
+
+    Shapes:
+        ``indices``: ``(k,)``; each product: ``(params, len(cols))``
+    """
+    n_params = operator.shape[1]
+    chunk = max(1, _CHUNK_ENTRIES // n_params)
+    for cols in indices.split(chunk):
+        identity = torch.zeros(n_params, cols.numel(), device=like.device, dtype=like.dtype)
+        identity[cols, torch.arange(cols.numel(), device=like.device)] = 1.0
+        yield cols, operator @ identity
+
+
+def _dense(operator: Any, indices: Tensor, like: Tensor) -> Tensor:
+    """The symmetric submatrix ``H[indices][:, indices]`` of a self-adjoint operator.
+
+    Shapes:
+        ``indices``: ``(k,)`` -> ``(k, k)``
+    """
+    blocks = [
+        block.index_select(0, indices) for _, block in _column_blocks(operator, indices, like)
+    ]
+    H = torch.cat(blocks, dim=1)
+    return (H + H.T) / 2
+
+
+def _diagonal(operator: Any, indices: Tensor, like: Tensor) -> Tensor:
+    """The diagonal entries ``H[i, i]`` for ``i`` in ``indices``, one column block at a time.
+
+    Shapes:
+        ``indices``: ``(k,)`` -> ``(k,)``
+    """
+    return torch.cat(
+        [
+            block[cols, torch.arange(cols.numel(), device=like.device)]
+            for cols, block in _column_blocks(operator, indices, like)
+        ]
+    )
+
+
+def _kronecker_factors(kfac: KFACLinearOperator) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Compute K-FAC's factors and return them by layer name: ``(inputs, output grads)``.
+
+    ``curvlinops`` 3 exposes the factors through its public ``state_dict``.
+
+    Raises:
+        RuntimeError: If the installed ``curvlinops`` stores the factors differently.
+    """
+    kfac.compute_kronecker_factors()
+    state = kfac.state_dict()
+    if "input_covariances" not in state or "gradient_covariances" not in state:
+        raise RuntimeError(
+            "curvlinops' KFACLinearOperator.state_dict() has no Kronecker factors; "
+            "this backend needs curvlinops-for-pytorch 3.x"
+        )
+    return state["input_covariances"], state["gradient_covariances"]
+
+
+class CurvlinopsInterface(CurvatureInterface):
+    """Shared machinery of the ``curvlinops`` backends (see the module docstring).
+
+    Subclasses set ``_operator_cls`` (the linear operator for ``full``), ``_fisher_type``
+    (the K-FAC Fisher type, where ``kron`` is supported) and ``_scale_power`` (``1`` for
+    curvatures linear in the loss, ``2`` for the empirical Fisher). Jacobians and gradients
+    are the ``torch.func`` versions of :class:`~laplace.curvature.CurvatureInterface`.
+
+    Args:
+        model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y, **kwargs:
+            As for :class:`~laplace.curvature.CurvatureInterface`.
+    """
+
+    _native_gram: ClassVar[bool] = False
+
+    supports_dict_inputs: ClassVar[bool] = True
+    _operator_cls: ClassVar[type]
+    _fisher_type: ClassVar[FisherType]
+    _scale_power: ClassVar[int] = 1
+
+    # ------------------------------------------------------------------ hooks
+    def _operator_spec(self, generator: torch.Generator | None) -> tuple[type, dict[str, Any]]:
+        """The operator class for ``full`` and its extra keyword arguments."""
+        return self._operator_cls, {}
+
+    def _kfac_spec(self, generator: torch.Generator | None) -> dict[str, Any]:
+        """Keyword arguments selecting the Fisher type of ``KFACLinearOperator``."""
+        return {"fisher_type": self._fisher_type}
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def _scale(self) -> float:
+        """Multiplier from the curvature of the summed loss to that of ``factor * loss``."""
+        return self.factor**self._scale_power
+
+    def _prepare(self, x: Inputs, y: Tensor) -> tuple[nn.Module, Inputs, Tensor, Tensor]:
+        """Check a batch and return ``(module, inputs, checked y, loss)``."""
+        self._check_inputs(x)
+        module, inputs = self._module_and_input(x)
+        with torch.no_grad():
+            f = module(inputs)
+        self._check_output(f)
+        y = self._check_targets(y, f)
+        return module, inputs, y, self.factor * self.lossfunc(f, y)
+
+    def _operator_kwargs(self, inputs: Inputs, y: Tensor) -> dict[str, Any]:
+        """Arguments every ``curvlinops`` operator of one batch takes."""
+        return {
+            "data": [(inputs, y)],
+            "check_deterministic": False,
+            "num_data": y.shape[0],
+            "batch_size_fn": lambda X: batch_size(X, self.dict_key_x),
+        }
+
+    def _indices(self) -> Tensor:
+        """The parameter indices the curvature is restricted to (all without a subnetwork)."""
+        if self.subnetwork_indices is not None:
+            return self.subnetwork_indices
+        return torch.arange(self.n_params, device=self.params[0].device)
+
+    def _curvature_operator(
+        self, x: Inputs, y: Tensor, generator: torch.Generator | None
+    ) -> tuple[Any, Tensor]:
+        """The ``full`` operator of a batch and the batch loss."""
+        module, inputs, y, loss = self._prepare(x, y)
+        operator_cls, extra = self._operator_spec(generator)
+        operator = operator_cls(
+            module, self.lossfunc, self.params, **self._operator_kwargs(inputs, y), **extra
+        )
+        return operator, loss
+
+    def _sample_seed(self, generator: torch.Generator | None) -> int:
+        """A seed for ``curvlinops``' sampler drawn from ``generator`` (or torch's default)."""
+        device = self.params[0].device if generator is None else generator.device
+        return int(torch.randint(2**31 - 1, (1,), generator=generator, device=device).item())
+
+    # ------------------------------------------------------------------ structures
+    def full(
+        self,
+        x: Inputs,
+        y: Tensor,
+        N: int | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Tensor]:
+        """Loss and dense curvature of a batch, formed from the ``curvlinops`` operator.
+
+        Args:
+            x: A batch of inputs, a tensor or a dict-like batch passed to the model whole.
+            y: The targets.
+            N: Size of the data set; unused (accepted for the common interface).
+            generator: Random generator for sampled curvatures (``stochastic=True``).
+            **kwargs: Unused options of other backends.
+
+        Returns:
+            ``(loss, H)`` with ``H`` restricted to ``subnetwork_indices`` if given.
+
+        Shapes:
+            ``H``: ``(params, params)``
+
+        Raises:
+            ValueError: For bad inputs or targets, or a non-finite curvature.
+        """
+        self._check_structure(HessianStructure.FULL)
+        if self._gram_is_cheaper(x):
+            return super().full(x, y, N=N, generator=generator, **kwargs)
+        operator, loss = self._curvature_operator(x, y, generator)
+        H = _dense(operator, self._indices(), self.params[0])
+        return loss, self._check_finite(self._scale * H)
+
+    def _gram_is_cheaper(self, x: Inputs) -> bool:
+        """Whether the exact Jacobian-Gram route of the native backend should form ``full``.
+
+        Both routes compute the same matrix. Materialising the ``curvlinops`` operator costs
+        one curvature-vector product per parameter; the native route costs one
+        vector-Jacobian product per sample and output and holds the ``(batch, outputs,
+        params)`` Jacobians, so it is used when those fit in :data:`_GRAM_MAX_ENTRIES`.
+        Sampled curvatures keep the ``curvlinops`` sampler.
+        """
+        if not self._native_gram or getattr(self, "stochastic", False):
+            return False
+        module, inputs = self._module_and_input(x)
+        with torch.no_grad():
+            n_outputs = module(inputs).shape[-1]
+        entries = batch_size(x, self.dict_key_x) * n_outputs * self.n_params
+        return entries <= _GRAM_MAX_ENTRIES
+
+    def kron(
+        self,
+        x: Inputs,
+        y: Tensor,
+        N: int,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Kron]:
+        """Loss and K-FAC of a batch, scaled to the data set as in the module docstring.
+
+        Args:
+            x: A batch of inputs.
+            y: The targets.
+            N: Size of the data set; the input-side factors are multiplied by ``M / N``.
+            generator: Random generator for sampled curvatures (``stochastic=True``).
+            **kwargs: Unused options of other backends.
+
+        Returns:
+            ``(loss, kron)`` with one block per parameter, ``[B, A]`` for weights and
+            ``[B]`` for biases.
+
+        Raises:
+            NotImplementedError: If the backend does not compute ``kron``.
+            ValueError: For ``subnetwork_indices``, a bad ``N``, bad inputs or targets, a
+                parameter outside ``nn.Linear``/``nn.Conv2d`` layers, or non-finite factors.
+        """
+        self._check_structure(HessianStructure.KRON)
+        if isinstance(N, bool) or not isinstance(N, int) or N < 1:
+            raise ValueError(f"N must be a positive integer (the data-set size), got {N!r}")
+        module, inputs, y, loss = self._prepare(x, y)
+        self._check_kfac_layers(module)
+        kfac = KFACLinearOperator(
+            module,
+            self.lossfunc,
+            self.params,
+            **self._operator_kwargs(inputs, y),
+            kfac_approx=KFACType.EXPAND,
+            separate_weight_and_bias=True,
+            num_per_example_loss_terms=1,
+            **self._kfac_spec(generator),
+        )
+        inputs_side, outputs_side = _kronecker_factors(kfac)
+        input_scale = y.shape[0] / N
+        kfacs: list[list[Tensor]] = [[] for _ in self.params]
+        for layer, positions in kfac.compute_parameter_mapping(self.params, module).items():
+            B = self._check_finite(outputs_side[layer])
+            for name, position in positions.items():
+                if name == "weight":
+                    A = self._check_finite(input_scale * inputs_side[layer])
+                    kfacs[position] = [B, A]
+                else:
+                    kfacs[position] = [B]
+        # the loss factor is spread evenly over a block's factors (sqrt(s) on each of B and A)
+        return loss, Kron(kfacs) * self._scale
+
+    def _check_kfac_layers(self, module: nn.Module) -> None:
+        """Raise unless every parameter in ``params`` belongs to a Linear or Conv2d layer.
+
+        Raises:
+            ValueError: Naming the first parameter of another layer type.
+        """
+        owners = {
+            id(p): layer for layer in module.modules() for p in layer.parameters(recurse=False)
+        }
+        for name, p in zip(self._param_names, self.params):
+            owner = owners.get(id(p))
+            if not isinstance(owner, _KFAC_LAYERS):
+                raise ValueError(
+                    f"{type(self).__name__}.kron supports only parameters of "
+                    f"{', '.join(t.__name__ for t in _KFAC_LAYERS)} layers; parameter "
+                    f"{name!r} belongs to a {type(owner).__name__} layer"
+                )
+
+
+class CurvlinopsGGN(CurvlinopsInterface, GGNInterface):
+    """Generalized Gauss-Newton (or with ``stochastic=True`` the Monte-Carlo Fisher).
+
+    ``full`` uses ``GGNLinearOperator`` (``FisherMCLinearOperator`` with ``num_samples``
+    sampled targets per input when ``stochastic``), ``kron`` K-FAC of Fisher type
+    ``type-2`` (``mc``), and ``diag`` the exact ``torch.func`` diagonal of
+    :class:`~laplace.curvature.GGNInterface` (sampled when ``stochastic``).
+
+    Args:
+        model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y,
+        stochastic, num_samples, generator, **kwargs: As for
+            :class:`~laplace.curvature.GGNInterface`.
+    """
+
+    _native_gram: ClassVar[bool] = True
+
+    structures: ClassVar[frozenset[HessianStructure]] = frozenset(
+        {HessianStructure.FULL, HessianStructure.DIAG, HessianStructure.KRON}
+    )
+    _operator_cls: ClassVar[type] = GGNLinearOperator
+    _fisher_type: ClassVar[FisherType] = FisherType.TYPE2
+
+    def _operator_spec(self, generator: torch.Generator | None) -> tuple[type, dict[str, Any]]:
+        if not self.stochastic:
+            return super()._operator_spec(generator)
+        seed = self._sample_seed(self.generator if generator is None else generator)
+        return FisherMCLinearOperator, {"mc_samples": self.num_samples, "seed": seed}
+
+    def _kfac_spec(self, generator: torch.Generator | None) -> dict[str, Any]:
+        if not self.stochastic:
+            return super()._kfac_spec(generator)
+        seed = self._sample_seed(self.generator if generator is None else generator)
+        return {"fisher_type": FisherType.MC, "mc_samples": self.num_samples, "seed": seed}
+
+
+class CurvlinopsEF(CurvlinopsInterface, EFInterface):
+    """Empirical Fisher ``sum_n g_n g_n^T``.
+
+    ``full`` uses ``EFLinearOperator``, ``kron`` K-FAC of Fisher type ``empirical``, and
+    ``diag`` the exact ``torch.func`` diagonal of :class:`~laplace.curvature.EFInterface`.
+
+    Args:
+        model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y, **kwargs:
+            As for :class:`~laplace.curvature.CurvatureInterface`.
+    """
+
+    _native_gram: ClassVar[bool] = True
+
+    structures: ClassVar[frozenset[HessianStructure]] = frozenset(
+        {HessianStructure.FULL, HessianStructure.DIAG, HessianStructure.KRON}
+    )
+    _operator_cls: ClassVar[type] = EFLinearOperator
+    _fisher_type: ClassVar[FisherType] = FisherType.EMPIRICAL
+    _scale_power: ClassVar[int] = 2
+
+
+class CurvlinopsHessian(CurvlinopsInterface):
+    """Exact Hessian of the batch loss w.r.t. the parameters (``HessianLinearOperator``).
+
+    ``full`` and ``diag`` both cost one Hessian-vector product per (selected) parameter;
+    ``diag`` keeps only one block of ``_CHUNK_ENTRIES`` entries in memory. There is no
+    Kronecker-factored Hessian.
+
+    Args:
+        model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y, **kwargs:
+            As for :class:`~laplace.curvature.CurvatureInterface`.
+    """
+
+    psd_curvature: ClassVar[bool] = False
+    structures: ClassVar[frozenset[HessianStructure]] = frozenset(
+        {HessianStructure.FULL, HessianStructure.DIAG}
+    )
+    _operator_cls: ClassVar[type] = HessianLinearOperator
+
+    def diag(
+        self, x: Inputs, y: Tensor, N: int | None = None, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        """Loss and Hessian diagonal of a batch, from blocks of Hessian columns.
+
+        Args:
+            x: A batch of inputs.
+            y: The targets.
+            N: Size of the data set; unused (accepted for the common interface).
+            **kwargs: Unused options of other backends.
+
+        Returns:
+            ``(loss, h)`` with ``h`` restricted to ``subnetwork_indices`` if given.
+
+        Shapes:
+            ``h``: ``(params,)``
+
+        Raises:
+            ValueError: For bad inputs or targets, or a non-finite diagonal.
+        """
+        self._check_structure(HessianStructure.DIAG)
+        operator, loss = self._curvature_operator(x, y, None)
+        h = _diagonal(operator, self._indices(), self.params[0])
+        return loss, self._check_finite(self._scale * h)

@@ -1,0 +1,153 @@
+"""Hyperparameters of a Laplace approximation: prior precision and mean, noise, temperature.
+
+Values enter through property setters that check them once, at the boundary, and keep tensors
+that require gradients attached to their graph (the marginal likelihood is differentiated
+through them).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+from laplace.posterior.base import expand_prior
+from laplace.utils.enums import Likelihood
+
+__all__ = ["HyperparameterMixin"]
+
+
+def _as_tensor(value: object, name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+    if isinstance(value, Tensor):
+        if not value.is_floating_point():
+            value = value.to(dtype)
+        return value.to(device=device, dtype=dtype)
+    if isinstance(value, Real) and not isinstance(value, bool):
+        return torch.tensor(float(value), device=device, dtype=dtype)
+    raise TypeError(f"{name} must be a number or a torch.Tensor, got {type(value).__name__}")
+
+
+def _check_positive(value: Tensor, name: str) -> None:
+    with torch.no_grad():
+        if not torch.isfinite(value).all() or not (value > 0).all():
+            shown = value.detach().flatten()[:5].tolist()
+            raise ValueError(f"{name} must be positive and finite, got {shown}")
+
+
+class HyperparameterMixin:
+    """Properties ``prior_precision``, ``prior_mean``, ``sigma_noise`` and ``temperature``.
+
+    The host class provides ``likelihood``, ``n_params``, ``n_layers``, ``subset.sizes``,
+    ``_device`` and ``_dtype``.
+    """
+
+    _posterior_cache: object | None = None
+
+    def _init_hyperparameters(
+        self,
+        sigma_noise: float | Tensor,
+        prior_precision: float | Tensor,
+        prior_mean: float | Tensor,
+        temperature: float,
+    ) -> None:
+        self.prior_precision = prior_precision
+        self.prior_mean = prior_mean
+        self.sigma_noise = sigma_noise
+        self.temperature = temperature
+
+    @property
+    def prior_precision(self) -> Tensor:
+        """Prior precision of shape ``(1,)``, ``(layers,)`` or ``(params,)``."""
+        return self._prior_precision
+
+    @prior_precision.setter
+    def prior_precision(self, value: float | Tensor) -> None:
+        value = _as_tensor(value, "prior_precision", self._device, self._dtype)
+        if value.ndim > 1:
+            raise ValueError(
+                f"prior_precision must be a scalar or a 1-d tensor, got shape {tuple(value.shape)}"
+            )
+        value = value.reshape(-1)
+        if value.numel() not in (1, self.n_layers, self.n_params):
+            raise ValueError(
+                f"prior_precision must have 1 (scalar), {self.n_layers} (layerwise) or "
+                f"{self.n_params} (diagonal) entries, got {value.numel()}"
+            )
+        _check_positive(value, "prior_precision")
+        self._check_prior_structure(value)
+        self._prior_precision = value
+        self._posterior_cache = None
+
+    def _check_prior_structure(self, value: Tensor) -> None:
+        """Hook for structures that support only some prior shapes."""
+
+    @property
+    def prior_precision_diag(self) -> Tensor:
+        """The prior precision expanded to one value per parameter, ``(params,)``."""
+        return expand_prior(self.prior_precision, self.subset.sizes)
+
+    @property
+    def log_det_prior_precision(self) -> Tensor:
+        return self.prior_precision_diag.log().sum()
+
+    @property
+    def prior_mean(self) -> Tensor:
+        """Prior mean, a scalar or ``(params,)`` tensor."""
+        return self._prior_mean
+
+    @prior_mean.setter
+    def prior_mean(self, value: float | Tensor) -> None:
+        value = _as_tensor(value, "prior_mean", self._device, self._dtype)
+        if value.numel() == 1:
+            value = value.reshape(())
+        elif value.ndim != 1 or value.numel() != self.n_params:
+            raise ValueError(
+                f"prior_mean must be a scalar or have shape ({self.n_params},), "
+                f"got shape {tuple(value.shape)}"
+            )
+        if not torch.isfinite(value).all():
+            raise ValueError("prior_mean contains NaN or Inf")
+        self._prior_mean = value
+
+    @property
+    def sigma_noise(self) -> Tensor:
+        """Observation noise standard deviation (a 0-d tensor)."""
+        return self._sigma_noise
+
+    @sigma_noise.setter
+    def sigma_noise(self, value: float | Tensor) -> None:
+        value = _as_tensor(value, "sigma_noise", self._device, self._dtype)
+        if value.numel() != 1:
+            raise ValueError(
+                "sigma_noise must be a scalar (only homoscedastic noise is supported), "
+                f"got shape {tuple(value.shape)}"
+            )
+        value = value.reshape(())
+        _check_positive(value, "sigma_noise")
+        if self.likelihood != Likelihood.REGRESSION and float(value) != 1.0:
+            raise ValueError(
+                f"sigma_noise must be 1 for likelihood={self.likelihood.value!r}, "
+                f"got {float(value)!r}"
+            )
+        self._sigma_noise = value
+        self._posterior_cache = None
+
+    @property
+    def temperature(self) -> float:
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (Real, Tensor)):
+            raise TypeError(f"temperature must be a positive number, got {value!r}")
+        if not float(value) > 0 or not math.isfinite(float(value)):
+            raise ValueError(f"temperature must be positive and finite, got {value!r}")
+        self._temperature = float(value)
+        self._posterior_cache = None
+
+    @property
+    def _H_factor(self) -> Tensor:
+        """Likelihood factor ``1 / (sigma_noise^2 * temperature)`` of the curvature."""
+        return 1.0 / (self.sigma_noise.square() * self.temperature)

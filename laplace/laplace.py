@@ -1,0 +1,73 @@
+"""The ``Laplace(...)`` factory: pick the class of the grid from option strings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from laplace.baselaplace import (
+    DiagLaplace,
+    FullLaplace,
+    KronLaplace,
+    LowRankLaplace,
+    ParametricLaplace,
+)
+from laplace.subnetlaplace import DiagSubnetLaplace, FullSubnetLaplace
+from laplace.utils.enums import (
+    FunctionalApproximation,
+    HessianStructure,
+    Likelihood,
+    SubsetOfWeights,
+    parse_enum,
+)
+
+__all__ = ["Laplace"]
+
+_GRID: dict[tuple[SubsetOfWeights, HessianStructure], type[ParametricLaplace]] = {
+    (SubsetOfWeights.ALL, HessianStructure.FULL): FullLaplace,
+    (SubsetOfWeights.ALL, HessianStructure.KRON): KronLaplace,
+    (SubsetOfWeights.ALL, HessianStructure.DIAG): DiagLaplace,
+    (SubsetOfWeights.ALL, HessianStructure.LOWRANK): LowRankLaplace,
+    (SubsetOfWeights.SUBNETWORK, HessianStructure.FULL): FullSubnetLaplace,
+    (SubsetOfWeights.SUBNETWORK, HessianStructure.DIAG): DiagSubnetLaplace,
+}
+
+
+def Laplace(
+    model: nn.Module,
+    likelihood: Likelihood | str,
+    subset_of_weights: SubsetOfWeights | str = SubsetOfWeights.LAST_LAYER,
+    hessian_structure: HessianStructure | str = HessianStructure.KRON,
+    *args: Any,
+    functional_approximation: FunctionalApproximation | str = FunctionalApproximation.SOD,
+    **kwargs: Any,
+) -> ParametricLaplace:
+    """Build the Laplace approximation for a subset of weights and a Hessian structure.
+
+    Args:
+        model: The trained network.
+        likelihood: ``"classification"``, ``"regression"`` or ``"reward_modeling"``.
+        subset_of_weights: ``"all"``, ``"last_layer"`` or ``"subnetwork"``.
+        hessian_structure: ``"full"``, ``"kron"``, ``"diag"``, ``"lowrank"`` or ``"gp"``.
+        *args: Passed on to the class.
+        functional_approximation: For ``"gp"``: ``"sod"``, ``"nystrom"`` or ``"variational"``.
+        **kwargs: Passed on to the class.
+
+    Returns:
+        An instance of the matching class, e.g. ``KronLaplace`` for ``("all", "kron")``.
+
+    Raises:
+        ValueError: For unknown strings or a combination the library does not offer.
+    """
+    subset = parse_enum(SubsetOfWeights, subset_of_weights, "subset_of_weights")
+    structure = parse_enum(HessianStructure, hessian_structure, "hessian_structure")
+    parse_enum(FunctionalApproximation, functional_approximation, "functional_approximation")
+    cls = _GRID.get((subset, structure))
+    if cls is None:
+        offered = ", ".join(f"({s.value!r}, {h.value!r})" for s, h in _GRID)
+        raise ValueError(
+            f"no Laplace approximation for subset_of_weights={subset.value!r} with "
+            f"hessian_structure={structure.value!r}; available: {offered}"
+        )
+    return cls(model, likelihood, *args, **kwargs)

@@ -1,0 +1,483 @@
+"""Last-layer Laplace approximations (Kristiadi, Hein & Hennig, ICML 2020).
+
+Only the parameters of the network's last ``nn.Linear`` layer ``f = W phi + b`` are
+probabilistic; everything before it is a fixed feature map ``phi(x)``. The public classes are
+declarations over :class:`~laplace.baselaplace.ParametricLaplace`, the
+:class:`~laplace.subsets.LastLayer` subset and a structure, and every computation uses the
+linear form of the layer so that nothing grows with ``outputs x params``:
+
+- ``fit`` runs one forward pass per batch and forms the generalized Gauss-Newton curvature
+  in closed form from ``phi`` and the Hessian ``Lambda_n`` of the loss w.r.t. the output
+  (``J_n = [I ⊗ phi_n^T, I]``, so ``J_n^T Lambda_n J_n = Lambda_n ⊗ [phi_n, 1][phi_n, 1]^T``):
+  the dense matrix, its diagonal ``diag(Lambda_n) ⊗ phi_n^2``, or the K-FAC factors
+  ``B = sum_n Lambda_n`` and ``A = sum_n phi_n phi_n^T / N``. This applies to the GGN
+  backends (exact or Monte-Carlo); other backends (empirical Fisher, Hessian) are asked for
+  the curvature of the last layer on the features.
+- the GLM predictive variance is a quadratic form in ``phi`` per output pair
+  (``inv_quad_linear`` of the posterior structures), and only its diagonal is computed when
+  only the diagonal is used (probit, ``functional_variance_fast``, diagonal outputs).
+- the sampling predictive applies the last layer at every weight sample to features
+  computed once.
+
+When ``last_layer_name`` is not given, the last layer is found with the first batch of
+``fit``; until then the number of parameters is unknown and the prior precision and mean are
+checked against it only then.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from laplace.baselaplace import DiagLaplace, FullLaplace, KronLaplace, ParametricLaplace
+from laplace.hyperparameters import _as_tensor, _check_positive
+from laplace.subsets import LastLayer
+from laplace.utils.data import Inputs, check_finite_inputs, dataset_size, unpack_batch
+from laplace.utils.enums import Likelihood, parse_enum
+from laplace.utils.feature_extractor import FeatureExtractor, FeatureReduction
+from laplace.utils.matrix import Kron
+
+__all__ = ["LLLaplace", "FullLLLaplace", "KronLLLaplace", "DiagLLLaplace"]
+
+
+class OutputCurvature(NamedTuple):
+    """Per-sample loss Hessians w.r.t. the outputs, ``Lambda_n = diag(d_n) + s R_n^T R_n``.
+
+    Attributes:
+        diagonal: ``d``, shape ``(batch, outputs)``, or ``None`` for zero.
+        root: ``R``, shape ``(batch, k, outputs)``, or ``None`` for zero.
+        sign: ``s``, ``+1`` or ``-1``.
+    """
+
+    diagonal: Tensor | None
+    root: Tensor | None
+    sign: float
+
+    @property
+    def n_outputs(self) -> int:
+        return (self.diagonal if self.root is None else self.root).shape[-1]
+
+    def diag(self) -> Tensor:
+        """The diagonals of ``Lambda_n``, shape ``(batch, outputs)``."""
+        if self.root is None:
+            return self.diagonal
+        root_part = self.sign * self.root.square().sum(1)
+        return root_part if self.diagonal is None else self.diagonal + root_part
+
+    def total(self) -> Tensor:
+        """``sum_n Lambda_n``, shape ``(outputs, outputs)``."""
+        if self.root is None:
+            return torch.diag(self.diagonal.sum(0))
+        flat = self.root.flatten(0, 1)
+        total = flat.mT @ flat
+        if self.sign < 0:
+            total.neg_()
+        if self.diagonal is not None:
+            total.diagonal().add_(self.diagonal.sum(0))
+        return total
+
+
+def computes_ggn(backend: Any) -> bool:
+    """Whether ``backend`` computes a GGN: it has ``_output_root`` (``GGNInterface`` family)."""
+    return callable(getattr(backend, "_output_root", None))
+
+
+def output_curvature(backend: Any, f: Tensor) -> OutputCurvature:
+    """``Lambda_n`` of a GGN backend at the outputs ``f``.
+
+    For classification ``Lambda_n = diag(p_n) - p_n p_n^T`` with ``p_n = softmax(f_n)``, for
+    regression the identity, and with ``stochastic=True`` the backend's sampled root.
+
+    Shapes:
+        ``f (batch, outputs)``
+    """
+    if getattr(backend, "stochastic", False):
+        return OutputCurvature(None, backend._output_root(f, backend.generator), 1.0)
+    if backend.likelihood == Likelihood.REGRESSION:
+        return OutputCurvature(torch.ones_like(f), None, 1.0)
+    p = torch.softmax(f, dim=-1)
+    return OutputCurvature(p, p.unsqueeze(1), -1.0)
+
+
+def _with_ones(phi: Tensor, bias: bool) -> Tensor:
+    return torch.cat([phi, phi.new_ones(phi.shape[0], 1)], dim=1) if bias else phi
+
+
+def linear_full_ggn(phi: Tensor, lam: OutputCurvature, bias: bool, **_: Any) -> Tensor:
+    """Dense GGN ``sum_n Lambda_n ⊗ [phi_n, 1][phi_n, 1]^T`` of a linear layer.
+
+    Rows and columns are ordered as the parameters: the row-major weight, then the bias.
+
+    Shapes:
+        ``phi (batch, features) -> (params, params)``
+    """
+    n_outputs, phi = lam.n_outputs, _with_ones(phi, bias)
+    width = phi.shape[1]
+    H = phi.new_zeros(n_outputs, width, n_outputs, width)
+    if lam.diagonal is not None:
+        blocks = torch.einsum("nc,ni,nj->ijc", lam.diagonal, phi, phi)
+        H.diagonal(dim1=0, dim2=2).add_(blocks)
+    if lam.root is not None:
+        outer = (lam.root.unsqueeze(-1) * phi[:, None, None, :]).reshape(-1, n_outputs * width)
+        H = H + lam.sign * (outer.mT @ outer).view_as(H)
+    grid = torch.arange(n_outputs * width, device=phi.device).view(n_outputs, width)
+    order = torch.cat([grid[:, : width - 1].reshape(-1), grid[:, -1]]) if bias else grid.view(-1)
+    return H.view(n_outputs * width, -1)[order][:, order]
+
+
+def linear_diag_ggn(phi: Tensor, lam: OutputCurvature, bias: bool, **_: Any) -> Tensor:
+    """Diagonal of the GGN of a linear layer, ``sum_n diag(Lambda_n) ⊗ [phi_n^2, 1]``.
+
+    Shapes:
+        ``phi (batch, features) -> (params,)``
+    """
+    diagonals = lam.diag()
+    weight = diagonals.mT @ phi.square()
+    return torch.cat([weight.reshape(-1), diagonals.sum(0)]) if bias else weight.reshape(-1)
+
+
+def linear_kron_ggn(
+    phi: Tensor, lam: OutputCurvature, bias: bool, n_data: int, factor: float, **_: Any
+) -> Kron:
+    """K-FAC of a linear layer's GGN for one batch: ``[B, A]`` (weight) and ``[B]`` (bias).
+
+    ``B = sum_n Lambda_n`` and ``A = sum_n phi_n phi_n^T / N`` in the convention of
+    :mod:`laplace.curvature.curvlinops`: the loss ``factor`` is spread evenly over the two
+    factors of the weight block (``B / sqrt(factor)`` and ``sqrt(factor) A`` since
+    ``Lambda_n`` already includes it).
+
+    Shapes:
+        ``phi (batch, features)``; ``B``: ``(outputs, outputs)``; ``A``: ``(features, features)``
+    """
+    B, root_factor = lam.total(), math.sqrt(factor)
+    A = (phi.mT @ phi).mul_(root_factor / n_data)
+    weight_B = B if factor == 1 else B / root_factor
+    return Kron([[weight_B, A], [B]] if bias else [[weight_B, A]])
+
+
+def _check_finite(curvature: Tensor | Kron) -> Tensor | Kron:
+    """Return ``curvature``, or raise if it has NaN or Inf entries (one reduction per tensor).
+
+    Raises:
+        ValueError: If an entry is not finite.
+    """
+    tensors = [f for fs in curvature.kfacs for f in fs] if isinstance(curvature, Kron) else []
+    if not all(torch.isfinite(t.sum()) for t in tensors or [curvature]):
+        raise ValueError(
+            "the curvature contains NaN or Inf values; check the model (outputs and "
+            "parameters) and the data for NaN, Inf or overflow"
+        )
+    return curvature
+
+
+class LLLaplace(ParametricLaplace):
+    """Laplace approximation over the parameters of the last ``nn.Linear`` layer.
+
+    Subclasses declare the structure (and the closed-form curvature ``_linear_curvature``).
+    See :class:`~laplace.baselaplace.BaseLaplace` for the common arguments.
+
+    Args:
+        model: The network, or a :class:`~laplace.utils.feature_extractor.FeatureExtractor`
+            (whose ``enable_backprop``, and ``last_layer_name`` and ``feature_reduction``
+            when given, are then set to this object's; the extractor holds
+            ``enable_backprop`` from then on).
+        feature_reduction: Reduction of ``(batch, seq, dim)`` features:
+            ``"pick_first"``, ``"pick_last"``, ``"average"`` or ``None``; it must match how
+            the model reduces its logits.
+        last_layer_name: Name of the last layer; ``None`` finds it on the first batch of
+            ``fit``.
+
+    Raises:
+        ValueError: As for :class:`~laplace.baselaplace.BaseLaplace`, and for a
+            ``last_layer_name`` that is no ``nn.Linear`` of the model or an unknown
+            ``feature_reduction``.
+    """
+
+    _linear_curvature: ClassVar[Callable[..., Tensor | Kron]]
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        sigma_noise: float | Tensor = 1.0,
+        prior_precision: float | Tensor = 1.0,
+        prior_mean: float | Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        feature_reduction: FeatureReduction | str | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: type | None = None,
+        last_layer_name: str | None = None,
+        backend_kwargs: dict[str, Any] | None = None,
+        asdl_fisher_kwargs: dict[str, Any] | None = None,
+        **structure_kwargs: Any,
+    ) -> None:
+        if isinstance(model, FeatureExtractor):
+            extractor = model
+            if last_layer_name is not None:
+                extractor.set_last_layer(last_layer_name)
+            if feature_reduction is not None:
+                extractor.feature_reduction = parse_enum(
+                    FeatureReduction, feature_reduction, "feature_reduction"
+                )
+        else:
+            extractor = FeatureExtractor(
+                model, last_layer_name, enable_backprop, feature_reduction
+            )
+        super().__init__(
+            extractor,
+            likelihood,
+            sigma_noise=sigma_noise,
+            prior_precision=prior_precision,
+            prior_mean=prior_mean,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            backend=backend,
+            backend_kwargs=backend_kwargs,
+            asdl_fisher_kwargs=asdl_fisher_kwargs,
+            **structure_kwargs,
+        )
+
+    def _make_subset(self, model: nn.Module) -> LastLayer:
+        return LastLayer(model)
+
+    @property
+    def enable_backprop(self) -> bool:
+        """Keep the predictive differentiable w.r.t. the input (held by the extractor)."""
+        return self.subset.extractor.enable_backprop
+
+    @enable_backprop.setter
+    def enable_backprop(self, value: bool) -> None:
+        self.subset.extractor.enable_backprop = bool(value)
+
+    @property
+    def _device(self) -> torch.device:
+        return self.subset.reference.device
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.subset.reference.dtype
+
+    def _init_hyperparameters(
+        self,
+        sigma_noise: float | Tensor,
+        prior_precision: float | Tensor,
+        prior_mean: float | Tensor,
+        temperature: float,
+    ) -> None:
+        """Check what is independent of the last layer now and the rest once it is known."""
+        if self.subset.ready:
+            super()._init_hyperparameters(sigma_noise, prior_precision, prior_mean, temperature)
+            return
+        prior_precision = _as_tensor(prior_precision, "prior_precision", self._device, self._dtype)
+        if prior_precision.ndim > 1:
+            raise ValueError(
+                "prior_precision must be a scalar or a 1-d tensor, got shape "
+                f"{tuple(prior_precision.shape)}"
+            )
+        _check_positive(prior_precision, "prior_precision")
+        self._prior_precision = prior_precision.reshape(-1)
+        self._prior_mean = _as_tensor(prior_mean, "prior_mean", self._device, self._dtype)
+        self.sigma_noise = sigma_noise
+        self.temperature = temperature
+
+    def _adopt_last_layer(self) -> None:
+        """Check the deferred prior against the now known last layer and take its mean."""
+        self._backend = None
+        self.prior_precision = self._prior_precision
+        self.prior_mean = self._prior_mean
+        self.mean = self.subset.mean()
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, train_loader: Any, override: bool = True, progress_bar: bool = False) -> None:
+        """Fit the curvature of the last layer; finds it on the first batch if not known.
+
+        Raises:
+            ValueError: As :meth:`ParametricLaplace.fit`, for a model without an
+                ``nn.Linear`` last layer, or a prior that does not fit the last layer.
+        """
+        if not self.subset.ready:
+            dataset_size(train_loader)
+            batch = next(iter(train_loader), None)
+            if batch is None:
+                raise ValueError("train_loader yielded no batches")
+            X, _ = unpack_batch(batch, self.dict_key_x, self.dict_key_y, self._device)
+            with torch.no_grad():
+                self.subset.extractor.find_last_layer(X)
+        if self.mean is None:
+            self._adopt_last_layer()
+        super().fit(train_loader, override=override, progress_bar=progress_bar)
+
+    def _set_n_outputs(self, X: Inputs) -> None:
+        n_outputs = self.subset.layer.out_features
+        if self.n_outputs is not None and n_outputs != self.n_outputs:
+            raise ValueError(
+                f"model now has {n_outputs} outputs, was fitted with {self.n_outputs}"
+            )
+        self.n_outputs = n_outputs
+
+    def _curvature_step(self, X: Inputs, y: Tensor, n_data: int) -> tuple[Tensor, Any]:
+        """Closed-form GGN from one forward pass; other backends are asked directly."""
+        bias = self.subset.linear_bias()
+        backend = self.backend
+        if bias is None or not computes_ggn(backend):
+            return super()._curvature_step(X, y, n_data)
+        f, phi = self.subset.features(X)
+        if f.shape != (phi.shape[0], self.n_outputs):
+            raise ValueError(
+                f"model output must have shape (batch, outputs) = ({phi.shape[0]}, "
+                f"{self.n_outputs}) like the last layer's, got {tuple(f.shape)}"
+            )
+        y = backend._check_targets(y, f)
+        loss = backend.factor * backend.lossfunc(f, y)
+        lam = output_curvature(backend, f)
+        H = type(self)._linear_curvature(phi, lam, bias=bias, n_data=n_data, factor=backend.factor)
+        return loss, _check_finite(H)
+
+    # ------------------------------------------------------------------ predictive
+    def _features_for_predictive(self, X: Inputs) -> tuple[Tensor, Tensor]:
+        self._check_fitted()
+        if not self.enable_backprop:
+            check_finite_inputs(X)
+        return self.subset.features(X, self.enable_backprop)
+
+    def _glm_predictive_distribution(
+        self, X: Inputs, joint: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        bias = self.subset.linear_bias()
+        if bias is None:
+            return super()._glm_predictive_distribution(X, joint=joint)
+        f_mu, phi = self._features_for_predictive(X)
+        if joint:
+            return f_mu.reshape(-1), self.posterior.inv_quad_linear_joint(phi, bias)
+        return f_mu, self.posterior.inv_quad_linear(phi, bias)
+
+    def _glm_predictive_diagonal(self, X: Inputs) -> tuple[Tensor, Tensor]:
+        return self.functional_variance_fast(X)
+
+    def functional_variance_fast(self, X: Inputs) -> tuple[Tensor, Tensor]:
+        """Output means and variances (the diagonal of ``J P^-1 J^T``) without correlations.
+
+        Memory grows linearly with the number of outputs.
+
+        Returns:
+            ``(f_mu, f_var_diag)``.
+
+        Shapes:
+            ``-> (batch, outputs), (batch, outputs)``
+
+        Raises:
+            ValueError: If the approximation is not fitted.
+        """
+        self._check_fitted()
+        bias = self.subset.linear_bias()
+        if bias is None:
+            return super()._glm_predictive_diagonal(X)
+        f_mu, phi = self._features_for_predictive(X)
+        return f_mu, self.posterior.inv_quad_linear(phi, bias, diagonal=True)
+
+    def _nn_samples(
+        self, X: Inputs, n_samples: int, generator: torch.Generator | None, **model_kwargs: Any
+    ) -> Tensor:
+        """Outputs at last-layer samples on features computed once, ``(n_samples, batch, out)``."""
+        thetas = self.sample(n_samples, generator)
+        with nullcontext() if self.enable_backprop else torch.no_grad():
+            _, phi = self.subset.features(X, self.enable_backprop, **model_kwargs)
+            return self.subset.apply_at(phi, thetas)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """As :meth:`ParametricLaplace.state_dict`, plus the name of the last layer."""
+        state = super().state_dict()
+        state["last_layer_name"] = self.subset.extractor.last_layer_name
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a fitted approximation; adopts the saved last layer if none is known yet.
+
+        Raises:
+            ValueError: If the state comes from another class, structure, likelihood, last
+                layer or a model with other last-layer shapes.
+        """
+        name = state_dict.get("last_layer_name")
+        extractor = self.subset.extractor
+        if name is None:
+            raise ValueError(
+                "state_dict has no 'last_layer_name': it was saved with cls_name="
+                f"{state_dict.get('cls_name')!r}, not by a last-layer Laplace"
+            )
+        if extractor.last_layer_name is None:
+            extractor.set_last_layer(name)
+        elif name != extractor.last_layer_name:
+            raise ValueError(
+                f"state_dict was saved with last_layer_name={name!r}, this object has "
+                f"last_layer_name={extractor.last_layer_name!r}"
+            )
+        super().load_state_dict(state_dict)
+
+
+class FullLLLaplace(LLLaplace, FullLaplace):
+    """Last-layer Laplace with a dense posterior precision over the last layer."""
+
+    _linear_curvature = staticmethod(linear_full_ggn)
+
+
+class DiagLLLaplace(LLLaplace, DiagLaplace):
+    """Last-layer Laplace with a diagonal posterior precision."""
+
+    _linear_curvature = staticmethod(linear_diag_ggn)
+
+
+class KronLLLaplace(LLLaplace, KronLaplace):
+    """Last-layer Laplace with a Kronecker-factored posterior precision.
+
+    The weight block is ``B ⊗ A`` with ``B`` over outputs and ``A`` over features, the bias
+    block is ``B``; ``damping=True`` splits the prior over the two factors (see
+    :class:`~laplace.baselaplace.KronLaplace`).
+    """
+
+    _linear_curvature = staticmethod(linear_kron_ggn)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        sigma_noise: float | Tensor = 1.0,
+        prior_precision: float | Tensor = 1.0,
+        prior_mean: float | Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        feature_reduction: FeatureReduction | str | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: type | None = None,
+        last_layer_name: str | None = None,
+        damping: bool = False,
+        backend_kwargs: dict[str, Any] | None = None,
+        asdl_fisher_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            model,
+            likelihood,
+            sigma_noise=sigma_noise,
+            prior_precision=prior_precision,
+            prior_mean=prior_mean,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            feature_reduction=feature_reduction,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            backend=backend,
+            last_layer_name=last_layer_name,
+            backend_kwargs=backend_kwargs,
+            asdl_fisher_kwargs=asdl_fisher_kwargs,
+            damping=damping,
+        )

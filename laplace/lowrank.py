@@ -1,0 +1,249 @@
+"""Laplace approximation with a low-rank curvature, matrix-free.
+
+:class:`LowRankLaplace` keeps the top ``k`` eigenpairs of the curvature over the whole
+training set, ``H ~ U diag(l) U^T``, and the posterior precision
+``P = U diag(l) U^T / (sigma^2 T) + diag(p0)`` (Woodbury algebra in
+:mod:`laplace.posterior.lowrank`). The eigenpairs come from Lanczos iterations on
+curvature-vector products summed over the training loader
+(:mod:`laplace.curvature.lanczos`), so the ``(params, params)`` curvature is never formed and
+the memory is ``O(params * max_iter)``; the cost is one pass over the data per Lanczos step.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from laplace.baselaplace import ParametricLaplace
+from laplace.curvature.lanczos import curvature_matvec, default_max_iter, lanczos_eigh
+from laplace.posterior.base import Curvature
+from laplace.posterior.lowrank import LowRankCurvature
+from laplace.utils.data import Inputs
+from laplace.utils.enums import HessianStructure, Likelihood
+
+__all__ = ["LowRankLaplace"]
+
+_LANCZOS_OPTIONS = ("n_eigenvalues", "lanczos_max_iter", "lanczos_tol", "lanczos_seed")
+_DEFAULT_RANK = 100
+
+
+class LowRankLaplace(ParametricLaplace):
+    """Laplace approximation with a rank-``k`` curvature plus the diagonal prior.
+
+    The curvature is that of the backend (the GGN for the default ``CurvlinopsGGN``; also
+    ``CurvlinopsEF``, ``CurvlinopsHessian`` or a stochastic GGN), applied matrix-free over the
+    whole training loader. Negative eigenvalues (an indefinite Hessian) are set to zero,
+    with a warning unless they are round-off.
+
+    ``V`` and ``Kinv`` expose the Woodbury form of the posterior covariance,
+    ``P^-1 = diag(p0)^-1 - V Kinv V^T`` with ``V = diag(p0)^-1 U`` and
+    ``Kinv = (diag(l / (sigma^2 T))^-1 + U^T diag(p0)^-1 U)^-1`` (``k x k``).
+
+    Args:
+        model, likelihood, sigma_noise, prior_precision, prior_mean, temperature,
+            enable_backprop, dict_key_x, dict_key_y: As for
+            :class:`~laplace.baselaplace.BaseLaplace`.
+        backend: A ``curvlinops`` backend class (default ``CurvlinopsGGN``).
+        backend_kwargs: Keyword arguments for the backend; may also hold the four options
+            below (not both there and as keywords).
+        n_eigenvalues: The rank ``k`` (default ``min(100, n_params)``).
+        lanczos_max_iter: Most Lanczos vectors kept (default ``min(n_params, max(3 k,
+            k + 50))``); more cost memory but converge more eigenpairs.
+        lanczos_tol: Relative residual tolerance of the eigenpairs (default
+            ``eps ** 0.75`` of the model's dtype).
+        lanczos_seed: Seed of the random start vector (default 0).
+
+    Raises:
+        ValueError: For a backend without curvature-vector products, an option given twice,
+            ``n_eigenvalues`` outside ``[1, n_params]``, ``lanczos_max_iter`` below the rank,
+            or a bad tolerance or seed; and as :class:`~laplace.baselaplace.BaseLaplace`.
+    """
+
+    _structure = HessianStructure.LOWRANK
+    _curvature_cls = LowRankCurvature
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        sigma_noise: float | Tensor = 1.0,
+        prior_precision: float | Tensor = 1.0,
+        prior_mean: float | Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: type | None = None,
+        backend_kwargs: dict[str, Any] | None = None,
+        n_eigenvalues: int | None = None,
+        lanczos_max_iter: int | None = None,
+        lanczos_tol: float | None = None,
+        lanczos_seed: int | None = None,
+    ) -> None:
+        backend_kwargs = dict(backend_kwargs or {})
+        keywords = dict(
+            zip(_LANCZOS_OPTIONS, (n_eigenvalues, lanczos_max_iter, lanczos_tol, lanczos_seed))
+        )
+        for name in _LANCZOS_OPTIONS:
+            if name in backend_kwargs:
+                if keywords[name] is not None:
+                    raise ValueError(
+                        f"{name} was given both as a keyword and in backend_kwargs; give it once"
+                    )
+                keywords[name] = backend_kwargs.pop(name)
+        super().__init__(
+            model,
+            likelihood,
+            sigma_noise=sigma_noise,
+            prior_precision=prior_precision,
+            prior_mean=prior_mean,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            backend=backend,
+            backend_kwargs=backend_kwargs,
+        )
+        self._set_lanczos_options(**keywords)
+
+    def _set_lanczos_options(
+        self,
+        n_eigenvalues: int | None,
+        lanczos_max_iter: int | None,
+        lanczos_tol: float | None,
+        lanczos_seed: int | None,
+    ) -> None:
+        rank = min(_DEFAULT_RANK, self.n_params) if n_eigenvalues is None else n_eigenvalues
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.n_params:
+            raise ValueError(
+                f"n_eigenvalues must be an integer in [1, {self.n_params}] (the number of "
+                f"parameters), got {n_eigenvalues!r}"
+            )
+        max_iter = (
+            default_max_iter(self.n_params, rank) if lanczos_max_iter is None else lanczos_max_iter
+        )
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < rank:
+            raise ValueError(
+                f"lanczos_max_iter must be an integer >= n_eigenvalues={rank}, got "
+                f"{lanczos_max_iter!r}"
+            )
+        if lanczos_tol is not None and not (
+            isinstance(lanczos_tol, float) and 0 < lanczos_tol < 1
+        ):
+            raise ValueError(f"lanczos_tol must be a float in (0, 1), got {lanczos_tol!r}")
+        seed = 0 if lanczos_seed is None else lanczos_seed
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"lanczos_seed must be an integer, got {lanczos_seed!r}")
+        self.n_eigenvalues = rank
+        self.lanczos_max_iter = min(max_iter, self.n_params)
+        self.lanczos_tol = lanczos_tol
+        self.lanczos_seed = seed
+
+    def _check_backend(self, backend: type | None) -> type:
+        from laplace.curvature import CurvlinopsGGN
+
+        backend = CurvlinopsGGN if backend is None else backend
+        if not isinstance(backend, type) or not callable(getattr(backend, "_operator_spec", None)):
+            raise ValueError(
+                "backend of LowRankLaplace must be a curvlinops backend class (CurvlinopsGGN, "
+                f"CurvlinopsEF or CurvlinopsHessian) with curvature-vector products, got "
+                f"{getattr(backend, '__name__', backend)!r}"
+            )
+        return backend
+
+    def fit(self, train_loader: Any, override: bool = True, progress_bar: bool = False) -> None:
+        """Compute the loss and the top ``n_eigenvalues`` eigenpairs of the curvature.
+
+        One pass over ``train_loader`` accumulates the loss, as for every
+        :class:`~laplace.baselaplace.ParametricLaplace`; then each Lanczos step is one
+        pass of curvature-vector products. Sampled curvatures (``stochastic=True``) need a
+        loader that yields the batches in the same order every time.
+
+        Args:
+            train_loader: Yields ``(X, y)`` or dict-like batches; ``len(train_loader.dataset)``
+                is the number of data points.
+            override: Must be ``True``.
+            progress_bar: Show a progress bar over the batches of the loss pass.
+
+        Raises:
+            ValueError: For ``override=False`` (an eigendecomposition cannot be updated with
+                new data; refit on all of it), and as ``ParametricLaplace.fit``.
+        """
+        if not override:
+            raise ValueError(
+                "LowRankLaplace does not support fit(override=False): its eigendecomposition "
+                "cannot be updated with new data; fit again on all the data"
+            )
+        super().fit(train_loader, override=True, progress_bar=progress_bar)
+        try:
+            self.H = self._lanczos_curvature(train_loader)
+        except Exception:
+            self.n_data = None
+            raise
+        self._posterior_cache = None
+
+    def _curvature_step(self, X: Inputs, y: Tensor, n_data: int) -> tuple[Tensor, None]:
+        """The batch loss only; the curvature is computed after the pass."""
+        with torch.no_grad():
+            f = self.model(X)
+        backend = self.backend
+        y = backend._check_targets(y, f)
+        return backend.factor * backend.lossfunc(f, y), None
+
+    def _merge_fit(self, H_new: Curvature, n_data: int) -> None:
+        """Nothing to merge: ``fit`` replaces ``H`` after the loss pass."""
+
+    def _lanczos_curvature(self, train_loader: Any) -> LowRankCurvature:
+        matvec = curvature_matvec(self.backend, train_loader, self.n_data)
+        generator = torch.Generator(device=self._device).manual_seed(self.lanczos_seed)
+        eigenvalues, eigenvectors = lanczos_eigh(
+            matvec,
+            self.n_params,
+            self.n_eigenvalues,
+            device=self._device,
+            dtype=self._dtype,
+            max_iter=self.lanczos_max_iter,
+            tol=self.lanczos_tol,
+            generator=generator,
+        )
+        curvature = LowRankCurvature(eigenvectors, self._clamp(eigenvalues), self.subset.sizes)
+        curvature.assume_psd = self._backend_cls.psd_curvature
+        return curvature
+
+    def _clamp(self, eigenvalues: Tensor) -> Tensor:
+        """Set negative eigenvalues to zero.
+
+        They are round-off for a positive semi-definite curvature (GGN, Fisher); for another
+        one (the Hessian) a warning is raised unless they are within round-off of zero.
+        """
+        roundoff = self.n_params * torch.finfo(eigenvalues.dtype).eps * eigenvalues.abs().max()
+        smallest = eigenvalues.min()
+        if not self._backend_cls.psd_curvature and smallest < -roundoff:
+            warnings.warn(
+                f"the curvature has negative eigenvalues among its top {self.n_eigenvalues} "
+                f"(smallest {smallest.item():.4g}); they are set to zero",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return eigenvalues.clamp(min=0)
+
+    @property
+    def V(self) -> Tensor:
+        """``diag(p0)^-1 U``, ``(params, k)``: the Woodbury factor of the covariance."""
+        return self.posterior.woodbury()[0]
+
+    @property
+    def Kinv(self) -> Tensor:
+        """``(diag(l / (sigma^2 T))^-1 + U^T diag(p0)^-1 U)^-1``, ``(k, k)``.
+
+        With it ``P^-1 = diag(p0)^-1 - V Kinv V^T``; computed stably for zero eigenvalues.
+        """
+        return self.posterior.woodbury()[1]
+
+    @property
+    def posterior_precision(self) -> tuple[tuple[Tensor, Tensor], Tensor]:
+        """``((U, l / (sigma^2 T)), p0)``: ``P = U diag(l / (sigma^2 T)) U^T + diag(p0)``."""
+        return self.posterior.precision()

@@ -1,0 +1,183 @@
+"""The structure axis: how the likelihood curvature and the posterior precision are stored.
+
+Two small interfaces, one implementation of each per structure (dense, diagonal, Kronecker,
+low-rank):
+
+- :class:`Curvature` accumulates the likelihood curvature ``H`` during ``fit`` (a sum over
+  batches of what a curvature backend returns) and knows nothing about priors.
+- :class:`Posterior` is the Gaussian posterior precision ``P = factor * H + diag(p0)`` for one
+  choice of prior precision ``p0`` and likelihood factor ``factor = 1 / (sigma^2 T)``. It is
+  built by :meth:`Curvature.with_prior`, which is differentiable in both and cheap: every
+  expensive decomposition of ``H`` is computed once and cached on the curvature object, so
+  prior tuning re-uses it (the staging of laplax, in one class per structure).
+
+Neither knows about models or data; the Laplace classes combine them with a subset of weights
+and a curvature backend.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from laplace.utils.enums import HessianStructure
+
+__all__ = ["Curvature", "Posterior", "expand_prior"]
+
+
+def expand_prior(prior_precision: Tensor, sizes: Sequence[int]) -> Tensor:
+    """Expand a scalar, per-layer or per-parameter prior precision to one value per parameter.
+
+    Args:
+        prior_precision: Prior precision of shape ``(1,)``, ``(len(sizes),)`` or
+            ``(sum(sizes),)``.
+        sizes: Number of parameters in each layer (parameter tensor).
+
+    Returns:
+        The per-parameter prior precision.
+
+    Shapes:
+        ``(1 | layers | params,) -> (params,)``
+
+    Raises:
+        ValueError: If the length matches none of the three structures.
+    """
+    n_params = sum(sizes)
+    if prior_precision.numel() == 1:
+        return prior_precision.reshape(1).expand(n_params)
+    if prior_precision.numel() == n_params:
+        return prior_precision.reshape(n_params)
+    if prior_precision.numel() == len(sizes):
+        counts = torch.as_tensor(sizes, device=prior_precision.device)
+        return prior_precision.reshape(-1).repeat_interleave(counts)
+    raise ValueError(
+        f"prior_precision must have 1, {len(sizes)} (layers) or {n_params} (parameters) "
+        f"entries, got {prior_precision.numel()}"
+    )
+
+
+class Posterior(ABC):
+    """Gaussian posterior precision ``P`` with the prior applied.
+
+    All methods are differentiable in the prior precision and the likelihood factor the
+    posterior was built with.
+    """
+
+    @abstractmethod
+    def logdet(self) -> Tensor:
+        """``log det P`` as a scalar tensor."""
+
+    @abstractmethod
+    def quad(self, v: Tensor) -> Tensor:
+        """``v^T P v`` for each row of ``v``.
+
+        Shapes:
+            ``(params,) -> ()`` or ``(n, params) -> (n,)``
+        """
+
+    @abstractmethod
+    def inv_quad(self, Js: Tensor) -> Tensor:
+        """Per-sample ``J P^-1 J^T``, the GLM functional variance.
+
+        Shapes:
+            ``(batch, outputs, params) -> (batch, outputs, outputs)``
+        """
+
+    @abstractmethod
+    def inv_quad_joint(self, Js: Tensor) -> Tensor:
+        """Joint ``J P^-1 J^T`` across all rows, the GLM functional covariance.
+
+        Shapes:
+            ``(rows, params) -> (rows, rows)``
+        """
+
+    @abstractmethod
+    def sample(self, n_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``n_samples`` zero-mean samples with covariance ``P^-1``.
+
+        Shapes:
+            ``-> (n_samples, params)``
+        """
+
+    @abstractmethod
+    def precision(self) -> object:
+        """``P`` in the structure's public representation (dense, diagonal or Kronecker)."""
+
+    @abstractmethod
+    def covariance(self) -> Tensor:
+        """``P^-1`` (a vector for diagonal structures, else dense)."""
+
+    @abstractmethod
+    def scale(self) -> Tensor:
+        """A square root of ``P^-1`` (a vector for diagonal structures, else dense)."""
+
+    @abstractmethod
+    def variance(self) -> Tensor:
+        """The diagonal of ``P^-1``, shape ``(params,)``."""
+
+    @abstractmethod
+    def to_dense(self) -> Tensor:
+        """``P`` as a dense ``(params, params)`` matrix, for tests and small models."""
+
+
+class Curvature(ABC):
+    """Accumulated likelihood curvature ``H`` of one structure.
+
+    Attributes:
+        structure: The Hessian structure this class stores.
+        sizes: Number of parameters per layer (parameter tensor), in order.
+        assume_psd: Whether ``H`` is positive semi-definite by construction (GGN, Fisher), so
+            that negative eigenvalues can only be round-off.
+    """
+
+    structure: ClassVar[HessianStructure]
+    assume_psd: bool = True
+
+    def __init__(self, sizes: Sequence[int]) -> None:
+        self.sizes = list(sizes)
+
+    @property
+    def n_params(self) -> int:
+        return sum(self.sizes)
+
+    @classmethod
+    @abstractmethod
+    def zeros(cls, params: Sequence[Tensor]) -> Curvature:
+        """An empty accumulator for ``params`` on their device and dtype."""
+
+    @abstractmethod
+    def add_(self, H_batch: object) -> None:
+        """Add one batch's curvature, as returned by the backend method for this structure."""
+
+    @abstractmethod
+    def with_prior(self, prior_precision: Tensor, factor: Tensor) -> Posterior:
+        """The posterior precision ``factor * H + diag(prior)``.
+
+        Args:
+            prior_precision: Scalar ``(1,)``, per-layer ``(layers,)`` or per-parameter
+                ``(params,)`` prior precision.
+            factor: Scalar likelihood factor ``1 / (sigma_noise^2 * temperature)``.
+
+        Raises:
+            ValueError: If the structure does not support the prior's shape.
+        """
+
+    @abstractmethod
+    def public(self) -> object:
+        """``H`` in the public representation of ``la.H`` (tensor, vector or ``Kron``)."""
+
+    @abstractmethod
+    def to_dense(self) -> Tensor:
+        """``H`` as a dense ``(params, params)`` matrix."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Tensor | list]:
+        """Plain tensors (and lists of them) that restore this curvature."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Tensor | list]) -> None:
+        """Restore from :meth:`state_dict`; raises ``ValueError`` on shape mismatch."""

@@ -1,0 +1,123 @@
+"""Link approximations: from a Gaussian over logits to class probabilities.
+
+The GLM predictive of a classifier is ``softmax(f)`` with ``f ~ N(f_mu, f_var)``; this integral
+has no closed form. Each approximation here maps ``(f_mu, f_var)`` to probabilities:
+
+- ``probit``: the multiclass probit approximation, ``softmax(f_mu / sqrt(1 + pi/8 diag f_var))``
+  (MacKay, 1992; Spiegelhalter & Lauritzen, 1990).
+- ``bridge`` / ``bridge_norm``: the Laplace bridge to a Dirichlet, whose mean is returned
+  (Hobbhahn, Kristiadi & Hennig, "Fast predictive uncertainty for classification with Bayesian
+  deep networks", UAI 2022), after projecting out the softmax-invariant direction ``1``;
+  ``bridge_norm`` also rescales the variance as proposed there.
+- ``mc``: Monte-Carlo average of ``softmax`` over samples of ``f``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from laplace.utils.enums import LinkApprox
+from laplace.utils.utils import normal_samples
+
+__all__ = ["apply_link", "bridge_alpha", "glm_samples", "link_bridge", "link_probit"]
+
+
+def link_probit(f_mu: Tensor, f_var: Tensor) -> Tensor:
+    """Multiclass probit approximation; only the diagonal of ``f_var`` is used.
+
+    Shapes:
+        ``f_mu (batch, classes), f_var (batch, classes, classes) or its diagonal
+        (batch, classes) -> (batch, classes)``
+    """
+    var = f_var if f_var.ndim == f_mu.ndim else f_var.diagonal(dim1=-2, dim2=-1)
+    kappa = torch.rsqrt(1.0 + math.pi / 8.0 * var)
+    return torch.softmax(kappa * f_mu, dim=-1)
+
+
+def link_bridge(f_mu: Tensor, f_var: Tensor, normalize: bool = False) -> Tensor:
+    """Mean of the Laplace-bridge Dirichlet.
+
+    The logits are first conditioned on ``sum(f) = 0`` (softmax is invariant along ``1``), which
+    keeps the bridge well-posed for any covariance.
+
+    Shapes:
+        ``f_mu (batch, classes), f_var (batch, classes, classes) -> (batch, classes)``
+    """
+    n_classes = f_mu.shape[-1]
+    row_sums = f_var.sum(-1)  # (batch, classes) = Sigma 1
+    total = row_sums.sum(-1, keepdim=True)  # 1^T Sigma 1
+    f_mu = f_mu - row_sums * f_mu.sum(-1, keepdim=True) / total
+    f_var = f_var - row_sums.unsqueeze(-1) * row_sums.unsqueeze(-2) / total.unsqueeze(-1)
+    var_diag = f_var.diagonal(dim1=-2, dim2=-1)
+    if normalize:
+        mean_var = var_diag.mean(-1, keepdim=True) / math.sqrt(n_classes / 2.0)
+        f_mu = f_mu / mean_var.sqrt()
+        var_diag = var_diag / mean_var
+    alpha = bridge_alpha(f_mu, var_diag)
+    return torch.nan_to_num(alpha / alpha.sum(-1, keepdim=True), nan=1.0)
+
+
+def bridge_alpha(f_mu: Tensor, var_diag: Tensor) -> Tensor:
+    """Dirichlet concentrations of the Laplace bridge for a diagonal Gaussian over logits.
+
+    ``alpha_k = (1 - 2/K + exp(mu_k) sum_l exp(-mu_l) / K^2) / var_k``; the exact inverse of the
+    Dirichlet-to-Gaussian map ``mu_k = log alpha_k - mean(log alpha)``,
+    ``var_k = (1 - 2/K) / alpha_k + sum_l (1 / alpha_l) / K^2``.
+
+    Shapes:
+        ``f_mu (batch, classes), var_diag (batch, classes) -> (batch, classes)``
+    """
+    n_classes = f_mu.shape[-1]
+    sum_exp = torch.exp(-f_mu).sum(-1, keepdim=True)
+    return (1.0 - 2.0 / n_classes + f_mu.exp() / n_classes**2 * sum_exp) / var_diag
+
+
+def glm_samples(
+    f_mu: Tensor,
+    f_var: Tensor,
+    n_samples: int,
+    diagonal_output: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Samples of the linearised function ``f ~ N(f_mu, f_var)``.
+
+    Args:
+        f_mu: Mean of the outputs.
+        f_var: Per-sample output covariance.
+        n_samples: Number of samples.
+        diagonal_output: Ignore the output correlations.
+        generator: Random number generator.
+
+    Shapes:
+        ``f_mu (batch, outputs), f_var (batch, outputs, outputs) or its diagonal
+        (batch, outputs) -> (n_samples, batch, outputs)``
+    """
+    if diagonal_output and f_var.ndim == f_mu.ndim + 1:
+        f_var = f_var.diagonal(dim1=-2, dim2=-1)
+    return normal_samples(f_mu, f_var, n_samples, generator)
+
+
+def apply_link(
+    f_mu: Tensor,
+    f_var: Tensor,
+    link_approx: LinkApprox,
+    n_samples: int = 100,
+    diagonal_output: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Approximate ``E[softmax(f)]`` for ``f ~ N(f_mu, f_var)`` with ``link_approx``.
+
+    Shapes:
+        ``f_mu (batch, classes), f_var (batch, classes, classes) -> (batch, classes)``
+    """
+    if link_approx == LinkApprox.PROBIT:
+        return link_probit(f_mu, f_var)
+    if link_approx == LinkApprox.BRIDGE:
+        return link_bridge(f_mu, f_var)
+    if link_approx == LinkApprox.BRIDGE_NORM:
+        return link_bridge(f_mu, f_var, normalize=True)
+    samples = glm_samples(f_mu, f_var, n_samples, diagonal_output, generator)
+    return torch.softmax(samples, dim=-1).mean(0)

@@ -1,0 +1,146 @@
+"""Post-hoc tuning of the prior precision: marginal likelihood or validation grid search."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from laplace.utils.enums import (
+    LinkApprox,
+    PredType,
+    PriorStructure,
+    TuningMethod,
+    parse_enum,
+)
+from laplace.utils.utils import fix_prior_prec_structure, validate
+
+__all__ = ["PriorTuningMixin"]
+
+
+class PriorTuningMixin:
+    """``optimize_prior_precision`` for any Laplace class with a marginal likelihood."""
+
+    def optimize_prior_precision(
+        self,
+        pred_type: PredType | str = PredType.GLM,
+        method: TuningMethod | str = TuningMethod.MARGLIK,
+        n_steps: int = 100,
+        lr: float = 1e-1,
+        init_prior_prec: float | Tensor = 1.0,
+        prior_structure: PriorStructure | str = PriorStructure.SCALAR,
+        val_loader: Any = None,
+        loss: Callable | None = None,
+        log_prior_prec_min: float = -4,
+        log_prior_prec_max: float = 4,
+        grid_size: int = 100,
+        link_approx: LinkApprox | str = LinkApprox.PROBIT,
+        n_samples: int = 100,
+        verbose: bool = False,
+        progress_bar: bool = False,
+        log_prior_prec_base: float = 10.0,
+    ) -> None:
+        """Tune the prior precision after ``fit``.
+
+        ``marglik`` maximises the log marginal likelihood over ``log prior_precision`` with
+        Adam (``n_steps`` steps, rate ``lr``) starting from ``init_prior_prec`` with the given
+        ``prior_structure``. ``gridsearch`` evaluates ``loss`` on ``val_loader`` with the
+        predictive ``pred_type``/``link_approx`` for ``grid_size`` scalar precisions spaced
+        logarithmically between ``base**log_prior_prec_min`` and ``base**log_prior_prec_max``
+        and keeps the best. The default loss is the NLL for classification and the MSE for
+        regression.
+
+        Raises:
+            ValueError: For unknown option strings, a missing ``val_loader`` for grid search,
+                or non-positive step counts.
+        """
+        method = parse_enum(TuningMethod, method, "method")
+        pred_type = parse_enum(PredType, pred_type, "pred_type")
+        link_approx = parse_enum(LinkApprox, link_approx, "link_approx")
+        prior_structure = parse_enum(PriorStructure, prior_structure, "prior_structure")
+        self._check_fitted()
+        if method == TuningMethod.MARGLIK:
+            if n_steps < 1:
+                raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
+            init = self._initial_prior(init_prior_prec, prior_structure)
+            self._optimize_marglik(init, n_steps, lr, progress_bar)
+        else:
+            if val_loader is None:
+                raise ValueError("method='gridsearch' needs a val_loader")
+            if grid_size < 1:
+                raise ValueError(f"grid_size must be a positive integer, got {grid_size!r}")
+            grid = torch.logspace(
+                log_prior_prec_min,
+                log_prior_prec_max,
+                grid_size,
+                base=log_prior_prec_base,
+                device=self._device,
+                dtype=self._dtype,
+            )
+            loss = self._default_val_loss() if loss is None else loss
+            self.prior_precision = self._gridsearch(
+                grid, val_loader, loss, pred_type, link_approx, n_samples, progress_bar
+            )
+        if verbose:
+            print(f"optimized prior precision: {self.prior_precision}")
+
+    def _initial_prior(self, init: float | Tensor, structure: PriorStructure) -> Tensor:
+        if isinstance(init, Tensor) and init.numel() > 1:
+            return init.to(device=self._device, dtype=self._dtype).reshape(-1)
+        value = float(init)
+        return fix_prior_prec_structure(
+            value, structure, self.n_layers, self.n_params, self._device, self._dtype
+        )
+
+    def _optimize_marglik(self, init: Tensor, n_steps: int, lr: float, progress: bool) -> None:
+        self.prior_precision = init
+        log_prior_prec = init.detach().log().requires_grad_(True)
+        optimizer = torch.optim.Adam([log_prior_prec], lr=lr)
+        for _ in tqdm(range(n_steps), desc="marglik", disable=not progress):
+            optimizer.zero_grad()
+            neg_marglik = -self.log_marginal_likelihood(prior_precision=log_prior_prec.exp())
+            neg_marglik.backward()
+            optimizer.step()
+        self.prior_precision = log_prior_prec.detach().exp()
+
+    def _default_val_loss(self) -> Callable:
+        from torchmetrics import MeanSquaredError
+
+        from laplace.utils.enums import Likelihood
+        from laplace.utils.metrics import RunningNLLMetric
+
+        if self.likelihood == Likelihood.REGRESSION:
+            return MeanSquaredError(num_outputs=self.n_outputs).to(self._device)
+        return RunningNLLMetric().to(self._device)
+
+    def _gridsearch(
+        self,
+        grid: Tensor,
+        val_loader: Any,
+        loss: Callable,
+        pred_type: PredType,
+        link_approx: LinkApprox,
+        n_samples: int,
+        progress: bool,
+    ) -> Tensor:
+        best_value, best_loss = grid[0], float("inf")
+        for prior_prec in tqdm(grid, desc="gridsearch", disable=not progress):
+            self.prior_precision = prior_prec
+            try:
+                result = validate(
+                    self,
+                    val_loader,
+                    loss,
+                    pred_type=pred_type,
+                    link_approx=link_approx,
+                    n_samples=n_samples,
+                    dict_key_y=self.dict_key_y,
+                )
+            except RuntimeError:
+                result = float("inf")
+            if result < best_loss:
+                best_value, best_loss = prior_prec, result
+        return best_value

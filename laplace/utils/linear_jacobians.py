@@ -1,0 +1,85 @@
+"""Kronecker-factored Jacobians of networks whose trainable parameters sit in linear layers.
+
+For ``nn.Linear`` applied to one vector per sample, the Jacobian of output ``c`` w.r.t. the
+weight is the outer product ``g_c a^T`` of the gradient at the layer's output and the layer's
+input, and w.r.t. the bias it is ``g_c``. Keeping the factors ``(g, a)`` instead of the
+``(batch, outputs, params)`` Jacobian is what lets a Kronecker-factored posterior evaluate the
+GLM variance layer by layer in its eigenbasis (see ``KronDecomposed.inv_square_form_factored``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from laplace.utils.data import Inputs
+
+__all__ = ["linear_jacobian_factors"]
+
+
+def _owners(model: nn.Module, params: Mapping[str, Tensor]) -> list[tuple[nn.Linear, str]] | None:
+    """``(layer, "weight" | "bias")`` for each parameter, or None if one is not a Linear's."""
+    found = {}
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            for kind, p in module.named_parameters(recurse=False):
+                found[id(p)] = (module, kind)
+    owners = [found.get(id(p)) for p in params.values()]
+    return None if any(o is None for o in owners) else owners
+
+
+def linear_jacobian_factors(
+    model: nn.Module, params: Mapping[str, Tensor], X: Inputs, create_graph: bool = False
+) -> tuple[list[tuple[Tensor, ...]], Tensor] | None:
+    """Per-parameter Jacobian factors of ``model`` at ``X``, or None where they do not exist.
+
+    Args:
+        model: The network; its output has shape ``(batch, outputs)``.
+        params: The trainable parameters, by name, in posterior order.
+        X: The inputs.
+        create_graph: Keep the factors differentiable w.r.t. the inputs.
+
+    Returns:
+        ``(factors, f)``: per parameter ``(G, a)`` for a weight and ``(G,)`` for a bias, with
+        ``G`` of shape ``(batch, outputs, out_features)`` and ``a`` of shape
+        ``(batch, in_features)``; ``f`` the outputs. None if a parameter is not a Linear's, a
+        layer runs more than once, or a layer sees more than one vector per sample.
+    """
+    owners = _owners(model, params)
+    if owners is None:
+        return None
+    layers = list({id(layer): layer for layer, _ in owners}.values())
+    captured: dict[int, list[tuple[Tensor, Tensor]]] = {id(layer): [] for layer in layers}
+
+    def hook(layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        captured[id(layer)].append((inputs[0], output))
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    try:
+        with torch.enable_grad():
+            f = model(X)
+    finally:
+        for handle in handles:
+            handle.remove()
+    calls = list(captured.values())
+    if any(len(c) != 1 or c[0][0].ndim != 2 for c in calls) or f.ndim != 2:
+        return None
+    outputs = [c[0][1] for c in calls]
+    per_output = [
+        torch.autograd.grad(f[:, c].sum(), outputs, retain_graph=True, create_graph=create_graph)
+        for c in range(f.shape[1])
+    ]
+    G = {id(layer): torch.stack([g[i] for g in per_output], 1) for i, layer in enumerate(layers)}
+    factors = []
+    for layer, kind in owners:
+        grads = G[id(layer)]
+        a = captured[id(layer)][0][0]
+        factors.append(
+            (grads, a if create_graph else a.detach()) if kind == "weight" else (grads,)
+        )
+    if not create_graph:
+        factors = [tuple(t.detach() for t in block) for block in factors]
+        f = f.detach()
+    return factors, f

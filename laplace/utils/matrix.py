@@ -1,0 +1,505 @@
+"""Block-diagonal Kronecker-factored matrices (K-FAC).
+
+A :class:`Kron` holds one block per parameter tensor, in parameter order; a block is either a
+Kronecker product ``B ⊗ A`` of two square factors or a single square matrix. For a Linear
+weight of shape ``(out, in)``, flattened row-major, ``B`` is the ``(out, out)`` factor of the
+output gradients and ``A`` the ``(in, in)`` factor of the inputs (Martens & Grosse, ICML 2015;
+Ritter et al., ICLR 2018). Sums of :class:`Kron` objects add factors blockwise, the usual
+K-FAC approximation.
+
+:class:`KronDecomposed` stores the eigendecomposition of every factor plus one additive
+``delta`` per block (a scalar or layerwise prior precision), so that log-determinants, inverse
+quadratic forms, matrix powers and samples cost only small matrix products and stay
+differentiable in the deltas and in a global scale.
+
+All matrix-vector style products use ``(B ⊗ A) vec(X) = vec(B X A^T)`` for row-major ``vec``
+and never form a block densely.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from laplace.utils.utils import symeig
+
+__all__ = ["Kron", "KronDecomposed", "kron", "block_diag"]
+
+
+def kron(t1: Tensor, t2: Tensor) -> Tensor:
+    """Kronecker product of two matrices.
+
+    Shapes:
+        ``(p, q), (r, s) -> (p * r, q * s)``
+    """
+    rows, cols = t1.shape[0] * t2.shape[0], t1.shape[1] * t2.shape[1]
+    return (t1[:, None, :, None] * t2[None, :, None, :]).reshape(rows, cols)
+
+
+def block_diag(blocks: Sequence[Tensor]) -> Tensor:
+    """Dense block-diagonal matrix of square or rectangular ``blocks``.
+
+    Shapes:
+        ``[(p_i, q_i)] -> (sum p_i, sum q_i)``
+
+    Raises:
+        ValueError: If ``blocks`` is empty.
+    """
+    if len(blocks) == 0:
+        raise ValueError("blocks must contain at least one matrix, got an empty sequence")
+    return torch.block_diag(*blocks)
+
+
+def _as_scale(value: object, owner: str) -> float | Tensor:
+    """A scalar multiplier as a Python float or a 0-d tensor.
+
+    Negative numbers are rejected; the sign of a tensor is not checked (that would need a
+    device synchronisation), and a negative tensor gives NaN factors for two-factor blocks.
+    """
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return value.reshape(())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"a {owner} can only be scaled by a non-negative number, got {value}")
+        return float(value)
+    raise TypeError(
+        f"a {owner} can only be multiplied by a number or a one-element tensor, "
+        f"got {type(value).__name__}"
+    )
+
+
+def _block_numel(factors: Sequence[Tensor]) -> int:
+    return math.prod(f.shape[0] for f in factors)
+
+
+def _right_multiply(W: Tensor, factors: Sequence[Tensor]) -> Tensor:
+    """``W (F_0 ⊗ F_1)`` (or ``W F_0``) for the rows of ``W``, without forming the product.
+
+    Shapes:
+        ``(rows, p * q) -> (rows, p * q)``
+    """
+    if len(factors) == 1:
+        return W @ factors[0]
+    first, second = factors
+    X = W.reshape(W.shape[0], first.shape[0], second.shape[0])
+    return (first.mT @ X @ second).reshape(W.shape)
+
+
+def _rows(W: Tensor, n_params: int) -> Tensor:
+    """View ``W`` of shape ``(params,)``, ``(k, params)`` or ``(batch, k, params)`` as rows."""
+    if W.ndim not in (1, 2, 3) or W.shape[-1] != n_params:
+        raise ValueError(
+            f"W must have shape (params,), (k, params) or (batch, k, params) with "
+            f"params={n_params}, got {tuple(W.shape)}"
+        )
+    return W.reshape(-1, n_params)
+
+
+def _power(factor: Tensor, exponent: float) -> Tensor:
+    if exponent == 1:
+        return factor
+    eigenvalues, eigenvectors = symeig(factor)
+    return (eigenvectors * eigenvalues.pow(exponent)) @ eigenvectors.mT
+
+
+class Kron:
+    """Block-diagonal matrix of Kronecker-factored blocks, one per parameter tensor.
+
+    Args:
+        kfacs: One list per block with one or two square factors; ``[B, A]`` is ``B ⊗ A``.
+
+    Raises:
+        ValueError: If there are no blocks, a block has no or more than two factors, or a
+            factor is not square.
+    """
+
+    def __init__(self, kfacs: Sequence[Sequence[Tensor]]) -> None:
+        self.kfacs = [list(factors) for factors in kfacs]
+        if not self.kfacs:
+            raise ValueError("kfacs must contain at least one block, got an empty list")
+        for index, factors in enumerate(self.kfacs):
+            if len(factors) not in (1, 2):
+                raise ValueError(f"kfacs[{index}] must hold 1 or 2 factors, got {len(factors)}")
+            for factor in factors:
+                if factor.ndim != 2 or factor.shape[0] != factor.shape[1]:
+                    raise ValueError(
+                        f"kfacs[{index}] factors must be square matrices, "
+                        f"got shape {tuple(factor.shape)}"
+                    )
+
+    @classmethod
+    def init_from_model(
+        cls,
+        model_or_params: nn.Module | Iterable[Tensor],
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Kron:
+        """Zero factors for the trainable parameters of a model (or for given tensors).
+
+        A parameter with two or more dimensions gets ``B`` of size ``shape[0]`` and ``A`` of
+        size ``prod(shape[1:])``; any other parameter gets one ``(numel, numel)`` factor.
+
+        Args:
+            model_or_params: A module (parameters with ``requires_grad``) or tensors.
+            device: Device of the factors (default: each parameter's).
+            dtype: Dtype of the factors (default: each parameter's).
+
+        Raises:
+            ValueError: If there are no parameters.
+        """
+        if isinstance(model_or_params, nn.Module):
+            params = [p for p in model_or_params.parameters() if p.requires_grad]
+        else:
+            params = list(model_or_params)
+        if not params:
+            raise ValueError("model_or_params must contain at least one parameter, got none")
+        kfacs = []
+        for p in params:
+            sizes = [p.shape[0], math.prod(p.shape[1:])] if p.ndim >= 2 else [p.numel()]
+            factor_device = p.device if device is None else device
+            factor_dtype = p.dtype if dtype is None else dtype
+            kfacs.append(
+                [torch.zeros(n, n, device=factor_device, dtype=factor_dtype) for n in sizes]
+            )
+        return cls(kfacs)
+
+    @property
+    def sizes(self) -> list[int]:
+        """Number of parameters of each block."""
+        return [_block_numel(factors) for factors in self.kfacs]
+
+    @property
+    def n_params(self) -> int:
+        """Side length of the whole matrix."""
+        return sum(self.sizes)
+
+    def __len__(self) -> int:
+        return len(self.kfacs)
+
+    def __repr__(self) -> str:
+        shapes = [[tuple(f.shape) for f in factors] for factors in self.kfacs]
+        return f"Kron({shapes})"
+
+    def _check_compatible(self, other: Kron) -> None:
+        if len(other) != len(self):
+            raise ValueError(f"cannot add a Kron with {len(other)} blocks to one with {len(self)}")
+        for index, (mine, theirs) in enumerate(zip(self.kfacs, other.kfacs)):
+            if [f.shape for f in mine] != [f.shape for f in theirs]:
+                raise ValueError(
+                    f"block {index} factor shapes differ: {[tuple(f.shape) for f in mine]} vs "
+                    f"{[tuple(f.shape) for f in theirs]}"
+                )
+
+    def __add__(self, other: object) -> Kron:
+        if isinstance(other, Kron):
+            self._check_compatible(other)
+            return Kron(
+                [
+                    [f + g for f, g in zip(mine, theirs)]
+                    for mine, theirs in zip(self.kfacs, other.kfacs)
+                ]
+            )
+        if isinstance(other, (int, float)) and not isinstance(other, bool) and other == 0:
+            return Kron([[f.clone() for f in factors] for factors in self.kfacs])
+        raise TypeError(
+            f"only a Kron (or 0) can be added to a Kron, got {type(other).__name__}; add a prior "
+            "precision after .decompose() (KronDecomposed + prior)"
+        )
+
+    __radd__ = __add__
+
+    def __iadd__(self, other: object) -> Kron:
+        self.kfacs = (self + other).kfacs
+        return self
+
+    def __mul__(self, scalar: object) -> Kron:
+        scale = _as_scale(scalar, "Kron")
+        return Kron([[f * scale ** (1 / len(factors)) for f in factors] for factors in self.kfacs])
+
+    __rmul__ = __mul__
+
+    def __imul__(self, scalar: object) -> Kron:
+        self.kfacs = (self * scalar).kfacs
+        return self
+
+    def decompose(self, damping: bool = False) -> KronDecomposed:
+        """Eigendecompose every factor (with :func:`~laplace.utils.utils.symeig`).
+
+        Args:
+            damping: Add deltas to the factors' eigenvalues (see :class:`KronDecomposed`).
+        """
+        eigenvectors, eigenvalues = [], []
+        for factors in self.kfacs:
+            pairs = [symeig(f) for f in factors]
+            eigenvalues.append([values for values, _ in pairs])
+            eigenvectors.append([vectors for _, vectors in pairs])
+        return KronDecomposed(eigenvectors, eigenvalues, damping=damping)
+
+    def diag(self) -> Tensor:
+        """Diagonal of the whole matrix, shape ``(params,)``."""
+        diagonals = []
+        for factors in self.kfacs:
+            if len(factors) == 1:
+                diagonals.append(factors[0].diagonal())
+            else:
+                diagonals.append(torch.outer(*(f.diagonal() for f in factors)).reshape(-1))
+        return torch.cat(diagonals)
+
+    def logdet(self) -> Tensor:
+        """``log det`` of the whole matrix; ``log det(B ⊗ A) = a log det B + b log det A``."""
+        total = 0.0
+        for factors in self.kfacs:
+            if len(factors) == 1:
+                total = total + torch.logdet(factors[0])
+            else:
+                first, second = factors
+                total = (
+                    total
+                    + second.shape[0] * torch.logdet(first)
+                    + first.shape[0] * torch.logdet(second)
+                )
+        return total
+
+    def to_matrix(self, exponent: float = 1) -> Tensor:
+        """The dense matrix raised to ``exponent`` (factor powers by eigendecomposition).
+
+        Shapes:
+            ``-> (params, params)``
+        """
+        blocks = []
+        for factors in self.kfacs:
+            powers = [_power(f, exponent) for f in factors]
+            blocks.append(powers[0] if len(powers) == 1 else kron(*powers))
+        return block_diag(blocks)
+
+    def bmm(self, W: Tensor, exponent: float = 1) -> Tensor:
+        """``W M^exponent`` for the rows of ``W``, never forming ``M``.
+
+        Shapes:
+            ``(params,)``, ``(k, params)`` or ``(batch, k, params)`` -> same shape
+
+        Raises:
+            ValueError: If the last dimension of ``W`` is not ``params``.
+        """
+        rows = _rows(W, self.n_params)
+        chunks = rows.split(self.sizes, dim=-1)
+        products = [
+            _right_multiply(chunk, [_power(f, exponent) for f in factors])
+            for chunk, factors in zip(chunks, self.kfacs)
+        ]
+        return torch.cat(products, dim=-1).reshape(W.shape)
+
+
+class KronDecomposed:
+    """Eigendecomposed :class:`Kron` plus one additive ``delta`` per block.
+
+    A two-factor block with eigenvectors ``Q_0, Q_1`` and eigenvalues ``l_0, l_1`` is
+    ``(Q_0 ⊗ Q_1) diag(l_0 ⊗ l_1) (Q_0 ⊗ Q_1)^T + delta I``; with ``damping=True`` its
+    eigenvalues are ``(l_0 + sqrt(delta)) ⊗ (l_1 + sqrt(delta))`` instead. A one-factor block
+    has eigenvalues ``l + delta`` either way. Every method is differentiable in the deltas
+    and in a scale applied with ``*``.
+
+    Args:
+        eigenvectors: Per block, the eigenvector matrices of its factors.
+        eigenvalues: Per block, the eigenvalue vectors of its factors.
+        deltas: One value per block (default zeros).
+        damping: Add the deltas to the factors' eigenvalues (see above).
+
+    Raises:
+        ValueError: If the lists or the deltas do not match.
+    """
+
+    def __init__(
+        self,
+        eigenvectors: Sequence[Sequence[Tensor]],
+        eigenvalues: Sequence[Sequence[Tensor]],
+        deltas: Tensor | None = None,
+        damping: bool = False,
+    ) -> None:
+        self.eigenvectors = [list(vectors) for vectors in eigenvectors]
+        self.eigenvalues = [list(values) for values in eigenvalues]
+        if (
+            not self.eigenvalues
+            or len(self.eigenvectors) != len(self.eigenvalues)
+            or any(
+                len(v) != len(q) or len(v) not in (1, 2)
+                for v, q in zip(self.eigenvalues, self.eigenvectors)
+            )
+        ):
+            raise ValueError(
+                "eigenvectors and eigenvalues must be non-empty lists of equal length with 1 or 2 "
+                "factors per block"
+            )
+        reference = self.eigenvalues[0][0]
+        if deltas is None:
+            deltas = torch.zeros(len(self), device=reference.device, dtype=reference.dtype)
+        if tuple(deltas.shape) != (len(self),):
+            raise ValueError(f"deltas must have shape ({len(self)},), got {tuple(deltas.shape)}")
+        self.deltas = deltas
+        self.damping = bool(damping)
+
+    def __len__(self) -> int:
+        return len(self.eigenvalues)
+
+    @property
+    def sizes(self) -> list[int]:
+        """Number of parameters of each block."""
+        return [math.prod(v.shape[0] for v in values) for values in self.eigenvalues]
+
+    @property
+    def n_params(self) -> int:
+        """Side length of the whole matrix."""
+        return sum(self.sizes)
+
+    def _replace(self, eigenvalues: list[list[Tensor]], deltas: Tensor) -> KronDecomposed:
+        return KronDecomposed(self.eigenvectors, eigenvalues, deltas, self.damping)
+
+    def __add__(self, deltas: object) -> KronDecomposed:
+        if isinstance(deltas, (int, float)) and not isinstance(deltas, bool):
+            deltas = torch.full_like(self.deltas, float(deltas))
+        if not isinstance(deltas, Tensor):
+            raise TypeError(
+                "only a number or a tensor of deltas (prior precisions) can be added to a "
+                f"KronDecomposed, got {type(deltas).__name__}"
+            )
+        if deltas.numel() not in (1, len(self)):
+            raise ValueError(
+                f"deltas added to a KronDecomposed must have 1 or {len(self)} (blocks) entries, "
+                f"got {deltas.numel()}"
+            )
+        deltas = deltas.to(device=self.deltas.device, dtype=self.deltas.dtype).reshape(-1)
+        return self._replace(self.eigenvalues, self.deltas + deltas)
+
+    __radd__ = __add__
+
+    def __mul__(self, scalar: object) -> KronDecomposed:
+        scale = _as_scale(scalar, "KronDecomposed")
+        eigenvalues = [
+            [values * scale ** (1 / len(block)) for values in block] for block in self.eigenvalues
+        ]
+        return self._replace(eigenvalues, self.deltas * scale)
+
+    __rmul__ = __mul__
+
+    def detach(self) -> KronDecomposed:
+        """A copy cut from the autograd graph."""
+        return KronDecomposed(
+            [[q.detach() for q in vectors] for vectors in self.eigenvectors],
+            [[v.detach() for v in values] for values in self.eigenvalues],
+            self.deltas.detach(),
+            self.damping,
+        )
+
+    def _block_eigenvalues(self, index: int) -> Tensor:
+        """Eigenvalues of block ``index`` in the order of ``Q_0 ⊗ Q_1``'s columns."""
+        values, delta = self.eigenvalues[index], self.deltas[index]
+        if len(values) == 1:
+            return values[0] + delta
+        if self.damping:
+            root = delta.sqrt()
+            return torch.outer(values[0] + root, values[1] + root).reshape(-1)
+        return torch.outer(values[0], values[1]).reshape(-1) + delta
+
+    def _blocks(self) -> Iterable[tuple[list[Tensor], Tensor]]:
+        for index, vectors in enumerate(self.eigenvectors):
+            yield vectors, self._block_eigenvalues(index)
+
+    def logdet(self) -> Tensor:
+        """``log det`` of the whole matrix, a scalar tensor."""
+        return sum(values.log().sum() for _, values in self._blocks())
+
+    def inv_square_form(self, Js: Tensor) -> Tensor:
+        """``J M^-1 J^T`` per batch element, computed blockwise in the eigenbasis.
+
+        Shapes:
+            ``(batch, k, params) -> (batch, k, k)``
+
+        Raises:
+            ValueError: If ``Js`` does not have three dimensions ending in ``params``.
+        """
+        if Js.ndim != 3:
+            raise ValueError(f"Js must have shape (batch, k, params), got {tuple(Js.shape)}")
+        batch, k = Js.shape[:2]
+        chunks = _rows(Js, self.n_params).split(self.sizes, dim=-1)
+        result = Js.new_zeros(batch, k, k)
+        for chunk, (vectors, values) in zip(chunks, self._blocks()):
+            rotated = _right_multiply(chunk, vectors).reshape(batch, k, -1)
+            result = result + torch.einsum("bkp,blp,p->bkl", rotated, rotated, 1 / values)
+        return result
+
+    def inv_square_form_factored(self, factors: Sequence[tuple[Tensor, ...]]) -> Tensor:
+        """``J M^-1 J^T`` per batch element from Kronecker-factored Jacobians.
+
+        For a linear layer the Jacobian of output ``c`` w.r.t. the weight is the outer
+        product ``g_c a^T`` of the gradient at the layer's output and its input, so a
+        two-factor block contributes ``G^T diag(w) G`` with ``G = Q_0^T g`` and
+        ``w_i = sum_j (Q_1^T a)_j^2 / lambda_ij``: the ``(batch, k, params)`` Jacobian is
+        never formed. A one-factor block takes its Jacobian ``G`` directly.
+
+        Args:
+            factors: Per block, ``(G, a)`` for two-factor blocks and ``(G,)`` for one-factor
+                blocks, with ``G`` of shape ``(batch, k, d0)`` and ``a`` of shape
+                ``(batch, d1)``.
+
+        Shapes:
+            ``-> (batch, k, k)``
+        """
+        if len(factors) != len(self):
+            raise ValueError(
+                f"factors must have one entry per block ({len(self)}), got {len(factors)}"
+            )
+        result = None
+        for index, (block, vectors) in enumerate(zip(factors, self.eigenvectors)):
+            inverse = 1 / self._block_eigenvalues(index)
+            rotated = block[0] @ vectors[0]
+            if len(vectors) == 2:
+                inputs = (block[1] @ vectors[1]).square()
+                weights = inputs @ inverse.reshape(vectors[0].shape[0], -1).mT
+                term = torch.einsum("bko,blo,bo->bkl", rotated, rotated, weights)
+            else:
+                term = torch.einsum("bko,blo,o->bkl", rotated, rotated, inverse)
+            result = term if result is None else result + term
+        return result
+
+    def bmm(self, W: Tensor, exponent: float = -1) -> Tensor:
+        """``W M^exponent`` for the rows of ``W``, never forming ``M``.
+
+        With ``exponent=-0.5`` and standard normal rows this samples ``N(0, M^-1)``.
+
+        Shapes:
+            ``(params,)``, ``(k, params)`` or ``(batch, k, params)`` -> same shape
+        """
+        chunks = _rows(W, self.n_params).split(self.sizes, dim=-1)
+        products = []
+        for chunk, (vectors, values) in zip(chunks, self._blocks()):
+            rotated = _right_multiply(chunk, vectors) * values.pow(exponent)
+            products.append(_right_multiply(rotated, [q.mT for q in vectors]))
+        return torch.cat(products, dim=-1).reshape(W.shape)
+
+    def diag(self, exponent: float = 1) -> Tensor:
+        """Diagonal of ``M^exponent``, shape ``(params,)``, without forming ``M``."""
+        diagonals = []
+        for vectors, values in self._blocks():
+            powered = values.pow(exponent)
+            if len(vectors) == 1:
+                diagonals.append(vectors[0].square() @ powered)
+            else:
+                first, second = (q.square() for q in vectors)
+                grid = powered.reshape(first.shape[0], second.shape[0])
+                diagonals.append((first @ grid @ second.mT).reshape(-1))
+        return torch.cat(diagonals)
+
+    def to_matrix(self, exponent: float = 1) -> Tensor:
+        """Dense ``M^exponent``.
+
+        Shapes:
+            ``-> (params, params)``
+        """
+        blocks = []
+        for vectors, values in self._blocks():
+            basis = vectors[0] if len(vectors) == 1 else kron(*vectors)
+            blocks.append((basis * values.pow(exponent)) @ basis.mT)
+        return block_diag(blocks)

@@ -1,0 +1,60 @@
+"""Bradley-Terry reward modelling: fit as a classifier on pairs, predict as a regressor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from groundtruth import dense_ggn, dense_jacobians
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from laplace import Laplace
+
+
+class PairRewardModel(nn.Module):
+    """Scores one item ``(batch, dim) -> (batch, 1)`` or a pair ``(batch, 2, dim) -> (batch, 2)``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 1))
+
+    def forward(self, x):
+        if x.ndim == 3:
+            return self.net(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], 2)
+        return self.net(x)
+
+
+@pytest.fixture
+def pairs():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 2, 3, generator=gen)
+    y = torch.randint(2, (10,), generator=gen)
+    return x, y
+
+
+@pytest.mark.parametrize("structure", ["full", "kron", "diag"])
+def test_reward_model_fits_as_classifier_and_predicts_as_regressor(pairs, structure):
+    x, y = pairs
+    model = PairRewardModel()
+    la = Laplace(model, "reward_modeling", subset_of_weights="all", hessian_structure=structure)
+    la.fit(DataLoader(TensorDataset(x, y), batch_size=4))
+    if structure != "kron":  # the curvature is the classification GGN of the pair logits
+        H = dense_ggn(model, x, y, "classification")
+        expected = H if structure == "full" else torch.diag(H.diagonal())
+        torch.testing.assert_close(la.H.to_dense(), expected)
+    la.optimize_prior_precision(n_steps=20)
+    x_test = torch.randn(5, 3)
+    f_mu, f_var = la(x_test)
+    assert f_mu.shape == (5, 1) and f_var.shape == (5, 1, 1)
+    Js = dense_jacobians(model, x_test)
+    P = la._H_factor * la.H.to_dense() + torch.diag(la.prior_precision_diag)
+    torch.testing.assert_close(f_var, Js @ torch.linalg.solve(P, Js.transpose(1, 2)))
+    probs = la(x[:3], fitting=True)
+    assert probs.shape == (3, 2)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+
+
+def test_reward_modeling_rejects_noise():
+    with pytest.raises(ValueError, match="sigma_noise must be 1"):
+        Laplace(PairRewardModel(), "reward_modeling", "all", "diag", sigma_noise=0.5)
