@@ -20,6 +20,7 @@ from laplace.baselaplace import (
     ParametricLaplace,
 )
 from laplace.laplace import Laplace
+from laplace.lllaplace import DiagLLLaplace, FullLLLaplace, KronLLLaplace, LLLaplace
 from laplace.subnetlaplace import DiagSubnetLaplace, FullSubnetLaplace, SubnetLaplace
 from laplace.utils.enums import (
     FunctionalApproximation,
@@ -35,6 +36,10 @@ from laplace.utils.enums import (
 __all__ = [
     "BaseLaplace",
     "DiagLaplace",
+    "DiagLLLaplace",
+    "FullLLLaplace",
+    "KronLLLaplace",
+    "LLLaplace",
     "DiagSubnetLaplace",
     "FullSubnetLaplace",
     "SubnetLaplace",

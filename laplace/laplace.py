@@ -13,6 +13,7 @@ from laplace.baselaplace import (
     LowRankLaplace,
     ParametricLaplace,
 )
+from laplace.lllaplace import DiagLLLaplace, FullLLLaplace, KronLLLaplace
 from laplace.subnetlaplace import DiagSubnetLaplace, FullSubnetLaplace
 from laplace.utils.enums import (
     FunctionalApproximation,
@@ -29,6 +30,9 @@ _GRID: dict[tuple[SubsetOfWeights, HessianStructure], type[ParametricLaplace]] =
     (SubsetOfWeights.ALL, HessianStructure.KRON): KronLaplace,
     (SubsetOfWeights.ALL, HessianStructure.DIAG): DiagLaplace,
     (SubsetOfWeights.ALL, HessianStructure.LOWRANK): LowRankLaplace,
+    (SubsetOfWeights.LAST_LAYER, HessianStructure.FULL): FullLLLaplace,
+    (SubsetOfWeights.LAST_LAYER, HessianStructure.KRON): KronLLLaplace,
+    (SubsetOfWeights.LAST_LAYER, HessianStructure.DIAG): DiagLLLaplace,
     (SubsetOfWeights.SUBNETWORK, HessianStructure.FULL): FullSubnetLaplace,
     (SubsetOfWeights.SUBNETWORK, HessianStructure.DIAG): DiagSubnetLaplace,
 }

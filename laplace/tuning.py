@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from laplace.posterior.base import NotPositiveDefiniteError
 from laplace.utils.enums import (
     LinkApprox,
     PredType,
@@ -139,8 +140,8 @@ class PriorTuningMixin:
                     n_samples=n_samples,
                     dict_key_y=self.dict_key_y,
                 )
-            except RuntimeError:
-                result = float("inf")
+            except (RuntimeError, NotPositiveDefiniteError):
+                result = float("inf")  # a prior too weak for the curvature: skip it
             if result < best_loss:
                 best_value, best_loss = prior_prec, result
         return best_value

@@ -78,3 +78,24 @@ def test_shared_or_non_linear_layers_fall_back():
     la.fit(DataLoader(TensorDataset(x, torch.randn(8, 3)), batch_size=4))
     Js = dense_jacobians(model, x)
     torch.testing.assert_close(la(x)[1], la.functional_variance(Js))
+
+
+def test_layer_that_folds_several_vectors_into_its_batch_falls_back():
+    class PairScore(nn.Module):
+        """``(batch, 2, dim) -> (batch, 2)``: the linear layer sees a ``(2 * batch, dim)`` input."""
+
+        def __init__(self):
+            super().__init__()
+            self.score = nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.score(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], -1)
+
+    model = PairScore()
+    x = torch.randn(4, 2, 3)
+    assert linear_jacobian_factors(model, dict(model.named_parameters()), x) is None
+    la = KronLaplace(model, "regression")
+    la.fit(DataLoader(TensorDataset(x, torch.randn(4, 2)), batch_size=2))
+    _, f_var = la(x)
+    assert f_var.shape == (4, 2, 2)
+    torch.testing.assert_close(f_var, la.functional_variance(dense_jacobians(model, x)))

@@ -205,3 +205,36 @@ def test_sinusoid_recovers_noise_level():
     _, f_var = la(X[:5])
     assert torch.isfinite(f_var).all() and (f_var > 0).all()
     assert math.isfinite(la.log_marginal_likelihood().item())
+
+
+@pytest.mark.parametrize("structure", ["full", "diag"])
+def test_gridsearch_skips_priors_too_weak_for_an_indefinite_hessian(structure):
+    from laplace.curvature import CurvlinopsHessian
+    from laplace.posterior import NotPositiveDefiniteError
+
+    model = make_mlp()  # untrained: the exact Hessian has negative eigenvalues
+    x, y = make_data("classification", n=30)
+    xv, yv = make_data("classification", n=20, seed=5)
+    la = CLASSES[structure](model, "classification", backend=CurvlinopsHessian)
+    la.fit(loader(x, y))
+    H = la.H.to_dense() if structure == "full" else la.H.to_dense().diagonal()
+    smallest = (torch.linalg.eigvalsh(H) if structure == "full" else H).min().item()
+    assert smallest < -1e-3
+    la.prior_precision = -smallest / 2
+    with pytest.raises(NotPositiveDefiniteError, match="increase the prior precision"):
+        la(xv)
+    grid = torch.logspace(-3, 3, 13)
+    la.optimize_prior_precision(
+        method="gridsearch",
+        val_loader=loader(xv, yv),
+        grid_size=13,
+        log_prior_prec_min=-3,
+        log_prior_prec_max=3,
+    )
+    chosen = la.prior_precision.item()
+    assert chosen > -smallest
+    nll = {}
+    for prec in grid[grid > -smallest]:
+        la.prior_precision = prec.item()
+        nll[prec.item()] = -torch.log(la(xv)[torch.arange(len(yv)), yv]).mean().item()
+    assert chosen == pytest.approx(min(nll, key=nll.get))

@@ -12,7 +12,7 @@ from laplace import Laplace
 
 
 class PairRewardModel(nn.Module):
-    """Scores one item ``(batch, dim) -> (batch, 1)`` or a pair ``(batch, 2, dim) -> (batch, 2)``."""
+    """Scores ``(batch, dim) -> (batch, 1)`` or a pair ``(batch, 2, dim) -> (batch, 2)``."""
 
     def __init__(self):
         super().__init__()

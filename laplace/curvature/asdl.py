@@ -86,16 +86,22 @@ _KFAC_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 _ATTR = "laplace_asdl_result"
 """Module attribute under which ASDL stores a result (deleted after reading)."""
 
+_ASDL_PARAM_TAG = "_original_requires_grad"
+"""Attribute ASDL sets on each parameter it visits (see ``asdl.utils``)."""
+
 _Owners = list[tuple[nn.Module, str]]
 
 
 @contextmanager
-def _asdl_context(seed: int | None, device: torch.device) -> Iterator[None]:
+def _asdl_context(module: nn.Module, seed: int | None, device: torch.device) -> Iterator[None]:
     """Where ASDL runs: gradients on, its hook deprecation warning off, RNG state kept.
 
     ASDL uses ``nn.Module.register_backward_hook`` (deprecated; it reads only the output
     gradients, which such hooks report correctly), and a ``seed`` makes it reseed torch's
-    global generators, whose state is restored on exit.
+    global generators, whose state is restored on exit. ASDL also tags every parameter it
+    visits with an ``_original_requires_grad`` attribute, and its hooks mark modules as users
+    of regular backward hooks; both are undone on exit so that the user's model is left as
+    it was (and still accepts full backward hooks, as BackPACK or ``torch.func`` users need).
     """
     cpu = device.type == "cpu"
     with (
@@ -106,7 +112,16 @@ def _asdl_context(seed: int | None, device: torch.device) -> Iterator[None]:
         ),
     ):
         warnings.filterwarnings("ignore", "Using a non-full backward hook", FutureWarning)
-        yield
+        try:
+            yield
+        finally:
+            for param in module.parameters():
+                vars(param).pop(_ASDL_PARAM_TAG, None)
+            for sub in module.modules():
+                # a module that once had a regular backward hook refuses full ones for good;
+                # with ASDL's hooks gone, return it to the undecided state it started in
+                if not sub._backward_hooks and sub._is_full_backward_hook is False:
+                    sub._is_full_backward_hook = None
 
 
 @contextmanager
@@ -249,7 +264,7 @@ class AsdlInterface(CurvatureInterface):
             return value.detach()
 
         n = batch_size(inputs, self.dict_key_x)
-        with _asdl_context(None, self._device):
+        with _asdl_context(module, None, self._device):
             return batch_gradient(module, closure, return_outputs=True, batch_size=n)
 
     # ------------------------------------------------------------------ gradients
@@ -377,7 +392,7 @@ class AsdlInterface(CurvatureInterface):
         n = batch_size(inputs, self.dict_key_x)
         try:
             with (
-                _asdl_context(config.seed, self._device),
+                _asdl_context(module, config.seed, self._device),
                 _linear_positions(owners, n, positions),
             ):
                 (_, loss), _ = maker.forward_and_backward()
@@ -569,7 +584,7 @@ class AsdlHessian(AsdlInterface):
         output = maker.setup_model_call(self._model_call(module, y, shape, {}), inputs)
         maker.setup_loss_repr(output[1])
         try:
-            with _asdl_context(None, self._device):
+            with _asdl_context(module, None, self._device):
                 maker.forward_and_backward(scale=self.factor)
             yield module, owners, {}, self.factor * maker.loss.detach()
         finally:

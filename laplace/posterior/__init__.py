@@ -1,6 +1,6 @@
 """The structure axis: curvature accumulators and posterior precisions per structure."""
 
-from laplace.posterior.base import Curvature, Posterior, expand_prior
+from laplace.posterior.base import Curvature, NotPositiveDefiniteError, Posterior, expand_prior
 from laplace.posterior.dense import DenseCurvature
 from laplace.posterior.diag import DiagCurvature
 from laplace.posterior.kron import KronCurvature
@@ -10,6 +10,7 @@ __all__ = [
     "DenseCurvature",
     "DiagCurvature",
     "KronCurvature",
+    "NotPositiveDefiniteError",
     "Posterior",
     "expand_prior",
 ]

@@ -26,7 +26,16 @@ from torch import Tensor
 
 from laplace.utils.enums import HessianStructure
 
-__all__ = ["Curvature", "Posterior", "expand_prior"]
+__all__ = ["Curvature", "NotPositiveDefiniteError", "Posterior", "expand_prior"]
+
+
+class NotPositiveDefiniteError(ValueError):
+    """The posterior precision ``factor * H + diag(prior)`` is not positive definite.
+
+    Raised where a factorisation needs it to be (a curvature with negative eigenvalues, such
+    as the exact Hessian away from a minimum, and too small a prior precision). A grid search
+    over prior precisions skips such values instead of failing.
+    """
 
 
 def expand_prior(prior_precision: Tensor, sizes: Sequence[int]) -> Tensor:

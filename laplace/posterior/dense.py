@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from laplace.posterior.base import Curvature, Posterior, expand_prior
+from laplace.posterior.base import Curvature, NotPositiveDefiniteError, Posterior, expand_prior
 from laplace.utils.enums import HessianStructure
 from laplace.utils.utils import stable_eigh
 
@@ -47,7 +47,7 @@ def _cholesky(P: Tensor) -> Tensor:
     """
     lower, info = torch.linalg.cholesky_ex(P)
     if int(info) > 0:
-        raise ValueError(
+        raise NotPositiveDefiniteError(
             "the posterior precision factor * H + diag(prior_precision) must be positive "
             f"definite, but its leading minor of order {int(info)} is not; increase the prior "
             "precision"
@@ -307,7 +307,7 @@ class DenseEigenPosterior(DensePosterior):
         self._eigenvalues = factor * eigenvalues + prior
         smallest = self._eigenvalues.detach().min()
         if smallest <= 0:
-            raise ValueError(
+            raise NotPositiveDefiniteError(
                 "the posterior precision factor * H + prior_precision must be positive "
                 f"definite, got smallest eigenvalue {smallest.item():.4g} (H has eigenvalue "
                 f"{eigenvalues.min().item():.4g}); increase the prior precision"

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from laplace.posterior.base import Curvature, Posterior, expand_prior
+from laplace.posterior.base import Curvature, NotPositiveDefiniteError, Posterior, expand_prior
 from laplace.posterior.dense import linear_layer_outputs
 from laplace.utils.enums import HessianStructure
 
@@ -43,7 +43,7 @@ class DiagPosterior(Posterior):
     def __init__(self, precision: Tensor) -> None:
         smallest = precision.detach().min()
         if smallest <= 0:
-            raise ValueError(
+            raise NotPositiveDefiniteError(
                 "the posterior precision factor * H + prior_precision must be positive, got "
                 f"smallest entry {smallest.item():.4g}; increase the prior precision"
             )

@@ -10,6 +10,7 @@ from laplace.utils.enums import (
     SubsetOfWeights,
     TuningMethod,
 )
+from laplace.utils.feature_extractor import FeatureExtractor, FeatureReduction
 from laplace.utils.matrix import Kron, KronDecomposed, block_diag, kron
 from laplace.utils.metrics import RunningNLLMetric
 from laplace.utils.subnetmask import (
@@ -36,6 +37,8 @@ from laplace.utils.utils import (
 )
 
 __all__ = [
+    "FeatureExtractor",
+    "FeatureReduction",
     "LargestMagnitudeSubnetMask",
     "LargestVarianceDiagLaplaceSubnetMask",
     "LargestVarianceSWAGSubnetMask",

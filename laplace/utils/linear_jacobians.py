@@ -45,7 +45,8 @@ def linear_jacobian_factors(
         ``(factors, f)``: per parameter ``(G, a)`` for a weight and ``(G,)`` for a bias, with
         ``G`` of shape ``(batch, outputs, out_features)`` and ``a`` of shape
         ``(batch, in_features)``; ``f`` the outputs. None if a parameter is not a Linear's, a
-        layer runs more than once, or a layer sees more than one vector per sample.
+        layer runs more than once, or a layer sees more (or fewer) than one vector per
+        sample, also when they are folded into its batch dimension.
     """
     owners = _owners(model, params)
     if owners is None:
@@ -64,8 +65,10 @@ def linear_jacobian_factors(
         for handle in handles:
             handle.remove()
     calls = list(captured.values())
-    if any(len(c) != 1 or c[0][0].ndim != 2 for c in calls) or f.ndim != 2:
-        return None
+    if f.ndim != 2 or any(
+        len(c) != 1 or c[0][0].ndim != 2 or c[0][0].shape[0] != f.shape[0] for c in calls
+    ):
+        return None  # e.g. a layer that sees several vectors per sample, folded into its batch
     outputs = [c[0][1] for c in calls]
     per_output = [
         torch.autograd.grad(f[:, c].sum(), outputs, retain_graph=True, create_graph=create_graph)
