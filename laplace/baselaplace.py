@@ -21,7 +21,6 @@ their structure.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -33,11 +32,11 @@ from laplace.posterior.base import Curvature, Posterior
 from laplace.posterior.dense import DenseCurvature
 from laplace.posterior.diag import DiagCurvature
 from laplace.posterior.kron import KronCurvature
-from laplace.predictive import apply_link, glm_samples
+from laplace.predictive import PredictiveMixin
 from laplace.subsets import AllWeights
 from laplace.tuning import PriorTuningMixin
 from laplace.utils.data import Inputs, check_finite_inputs, dataset_size, unpack_batch
-from laplace.utils.enums import HessianStructure, Likelihood, LinkApprox, PredType, parse_enum
+from laplace.utils.enums import HessianStructure, Likelihood, parse_enum
 from laplace.utils.linear_jacobians import linear_jacobian_factors
 from laplace.utils.matrix import Kron
 
@@ -51,7 +50,7 @@ __all__ = [
 ]
 
 
-class BaseLaplace(HyperparameterMixin, PriorTuningMixin):
+class BaseLaplace(HyperparameterMixin, PriorTuningMixin, PredictiveMixin):
     """Base class of every Laplace approximation.
 
     Args:
@@ -171,133 +170,6 @@ class BaseLaplace(HyperparameterMixin, PriorTuningMixin):
             raise ValueError(
                 f"{type(self).__name__} is not fitted yet: call fit(train_loader) first"
             )
-
-    # ---------------------------------------------------------------- predictive
-    def __call__(
-        self,
-        x: Inputs,
-        pred_type: PredType | str = PredType.GLM,
-        joint: bool = False,
-        link_approx: LinkApprox | str = LinkApprox.PROBIT,
-        n_samples: int = 100,
-        diagonal_output: bool = False,
-        generator: torch.Generator | None = None,
-        fitting: bool = False,
-        **model_kwargs: Any,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """Posterior predictive at ``x``.
-
-        Classification returns probabilities ``(batch, classes)``; regression (and reward
-        modelling outside fitting) returns ``(f_mu, f_var)`` with ``f_var`` of shape
-        ``(batch, outputs, outputs)``, ``(batch, outputs)`` with ``diagonal_output``, or
-        ``(batch*outputs, batch*outputs)`` with ``joint`` (then ``f_mu`` is flattened). The
-        ``nn`` predictive for regression returns the sample mean and variance
-        ``(batch, outputs)``.
-
-        Args:
-            x: Inputs, a tensor or a dict-like batch.
-            pred_type: ``"glm"`` (linearised) or ``"nn"`` (parameter sampling).
-            joint: Joint covariance over the batch (GLM regression).
-            link_approx: ``"probit"``, ``"bridge"``, ``"bridge_norm"`` or ``"mc"``
-                (GLM classification).
-            n_samples: Number of samples for ``mc`` and ``nn``.
-            diagonal_output: Ignore output correlations.
-            generator: Random number generator for sampling.
-            fitting: For reward modelling, predict as the classifier used in ``fit``.
-            **model_kwargs: Extra keyword arguments for the model (``nn`` predictive).
-        """
-        pred_type = parse_enum(PredType, pred_type, "pred_type")
-        link_approx = parse_enum(LinkApprox, link_approx, "link_approx")
-        self._check_predict_args(pred_type, n_samples, generator)
-        likelihood = self._predictive_likelihood(fitting)
-        if pred_type == PredType.NN:
-            samples = self._nn_samples(x, n_samples, generator, **model_kwargs)
-            if likelihood == Likelihood.CLASSIFICATION:
-                return torch.softmax(samples, dim=-1).mean(0)
-            return samples.mean(0), samples.var(0)
-        if model_kwargs:
-            warnings.warn("model_kwargs are ignored by the GLM predictive", stacklevel=2)
-        regression = likelihood == Likelihood.REGRESSION
-        if regression:
-            diagonal = diagonal_output and not joint
-        else:
-            diagonal = link_approx == LinkApprox.PROBIT or (
-                link_approx == LinkApprox.MC and diagonal_output
-            )
-        if diagonal:
-            f_mu, f_var = self._glm_predictive_diagonal(x)
-        else:
-            f_mu, f_var = self._glm_predictive_distribution(x, joint=joint and regression)
-        if regression:
-            return f_mu, f_var
-        return apply_link(f_mu, f_var, link_approx, n_samples, diagonal_output, generator)
-
-    def _glm_predictive_diagonal(self, x: Inputs) -> tuple[Tensor, Tensor]:
-        """``f_mu`` and the diagonal of ``f_var``, for predictives that need no correlations.
-
-        Subclasses that can skip the off-diagonal entries override this.
-
-        Shapes:
-            ``-> (batch, outputs), (batch, outputs)``
-        """
-        f_mu, f_var = self._glm_predictive_distribution(x)
-        return f_mu, f_var.diagonal(dim1=-2, dim2=-1)
-
-    def predictive(self, x: Inputs, *args: Any, **kwargs: Any) -> Tensor | tuple[Tensor, Tensor]:
-        """Alias of :meth:`__call__`."""
-        return self(x, *args, **kwargs)
-
-    def _predictive_likelihood(self, fitting: bool) -> Likelihood:
-        if self.likelihood == Likelihood.REWARD_MODELING:
-            return Likelihood.CLASSIFICATION if fitting else Likelihood.REGRESSION
-        return self.likelihood
-
-    def _check_predict_args(
-        self, pred_type: PredType, n_samples: int, generator: torch.Generator | None
-    ) -> None:
-        self._check_fitted()
-        if pred_type == PredType.GP:
-            raise ValueError(
-                f"pred_type='gp' needs a function-space Laplace; {type(self).__name__} "
-                "accepts 'glm' or 'nn'"
-            )
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-
-    def predictive_samples(
-        self,
-        x: Inputs,
-        pred_type: PredType | str = PredType.GLM,
-        n_samples: int = 100,
-        diagonal_output: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Samples of the predictive (after the link), ``(n_samples, batch, outputs)``."""
-        samples = self.functional_samples(x, pred_type, n_samples, diagonal_output, generator)
-        if self._predictive_likelihood(False) == Likelihood.CLASSIFICATION:
-            return torch.softmax(samples, dim=-1)
-        return samples
-
-    def functional_samples(
-        self,
-        x: Inputs,
-        pred_type: PredType | str = PredType.GLM,
-        n_samples: int = 100,
-        diagonal_output: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Samples of the network output before the link, ``(n_samples, batch, outputs)``."""
-        pred_type = parse_enum(PredType, pred_type, "pred_type")
-        self._check_predict_args(pred_type, n_samples, generator)
-        if pred_type == PredType.NN:
-            return self._nn_samples(x, n_samples, generator)
-        if diagonal_output:
-            f_mu, f_var = self._glm_predictive_diagonal(x)
-        else:
-            f_mu, f_var = self._glm_predictive_distribution(x)
-        return glm_samples(f_mu, f_var, n_samples, diagonal_output, generator)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -10,19 +10,35 @@ has no closed form. Each approximation here maps ``(f_mu, f_var)`` to probabilit
   deep networks", UAI 2022), after projecting out the softmax-invariant direction ``1``;
   ``bridge_norm`` also rescales the variance as proposed there.
 - ``mc``: Monte-Carlo average of ``softmax`` over samples of ``f``.
+
+:class:`PredictiveMixin` is the predictive interface every Laplace class shares (``__call__``,
+``predictive_samples``, ``functional_samples``): it dispatches between the GLM and the
+sampling (``nn``) predictive and applies the links; the classes supply the GLM mean and
+variance (``_glm_predictive_distribution``, optionally a cheaper ``_glm_predictive_diagonal``)
+and parameter samples pushed through the network (``_nn_samples``).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from laplace.utils.enums import LinkApprox
+from laplace.utils.data import Inputs
+from laplace.utils.enums import Likelihood, LinkApprox, PredType, parse_enum
 from laplace.utils.utils import normal_samples
 
-__all__ = ["apply_link", "bridge_alpha", "glm_samples", "link_bridge", "link_probit"]
+__all__ = [
+    "PredictiveMixin",
+    "apply_link",
+    "bridge_alpha",
+    "glm_samples",
+    "link_bridge",
+    "link_probit",
+]
 
 
 def link_probit(f_mu: Tensor, f_var: Tensor) -> Tensor:
@@ -121,3 +137,133 @@ def apply_link(
         return link_bridge(f_mu, f_var, normalize=True)
     samples = glm_samples(f_mu, f_var, n_samples, diagonal_output, generator)
     return torch.softmax(samples, dim=-1).mean(0)
+
+
+class PredictiveMixin:
+    """The predictive of a Laplace approximation; see the module docstring for the contract."""
+
+    def __call__(
+        self,
+        x: Inputs,
+        pred_type: PredType | str = PredType.GLM,
+        joint: bool = False,
+        link_approx: LinkApprox | str = LinkApprox.PROBIT,
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+        fitting: bool = False,
+        **model_kwargs: Any,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Posterior predictive at ``x``.
+
+        Classification returns probabilities ``(batch, classes)``; regression (and reward
+        modelling outside fitting) returns ``(f_mu, f_var)`` with ``f_var`` of shape
+        ``(batch, outputs, outputs)``, ``(batch, outputs)`` with ``diagonal_output``, or
+        ``(batch*outputs, batch*outputs)`` with ``joint`` (then ``f_mu`` is flattened). The
+        ``nn`` predictive for regression returns the sample mean and variance
+        ``(batch, outputs)``.
+
+        Args:
+            x: Inputs, a tensor or a dict-like batch.
+            pred_type: ``"glm"`` (linearised) or ``"nn"`` (parameter sampling).
+            joint: Joint covariance over the batch (GLM regression).
+            link_approx: ``"probit"``, ``"bridge"``, ``"bridge_norm"`` or ``"mc"``
+                (GLM classification).
+            n_samples: Number of samples for ``mc`` and ``nn``.
+            diagonal_output: Ignore output correlations.
+            generator: Random number generator for sampling.
+            fitting: For reward modelling, predict as the classifier used in ``fit``.
+            **model_kwargs: Extra keyword arguments for the model (``nn`` predictive).
+        """
+        pred_type = parse_enum(PredType, pred_type, "pred_type")
+        link_approx = parse_enum(LinkApprox, link_approx, "link_approx")
+        self._check_predict_args(pred_type, n_samples, generator)
+        likelihood = self._predictive_likelihood(fitting)
+        if pred_type == PredType.NN:
+            samples = self._nn_samples(x, n_samples, generator, **model_kwargs)
+            if likelihood == Likelihood.CLASSIFICATION:
+                return torch.softmax(samples, dim=-1).mean(0)
+            return samples.mean(0), samples.var(0)
+        if model_kwargs:
+            warnings.warn("model_kwargs are ignored by the GLM predictive", stacklevel=2)
+        regression = likelihood == Likelihood.REGRESSION
+        if regression:
+            diagonal = diagonal_output and not joint
+        else:
+            diagonal = link_approx == LinkApprox.PROBIT or (
+                link_approx == LinkApprox.MC and diagonal_output
+            )
+        if diagonal:
+            f_mu, f_var = self._glm_predictive_diagonal(x)
+        else:
+            f_mu, f_var = self._glm_predictive_distribution(x, joint=joint and regression)
+        if regression:
+            return f_mu, f_var
+        return apply_link(f_mu, f_var, link_approx, n_samples, diagonal_output, generator)
+
+    def _glm_predictive_diagonal(self, x: Inputs) -> tuple[Tensor, Tensor]:
+        """``f_mu`` and the diagonal of ``f_var``, for predictives that need no correlations.
+
+        Subclasses that can skip the off-diagonal entries override this.
+
+        Shapes:
+            ``-> (batch, outputs), (batch, outputs)``
+        """
+        f_mu, f_var = self._glm_predictive_distribution(x)
+        return f_mu, f_var.diagonal(dim1=-2, dim2=-1)
+
+    def predictive(self, x: Inputs, *args: Any, **kwargs: Any) -> Tensor | tuple[Tensor, Tensor]:
+        """Alias of :meth:`__call__`."""
+        return self(x, *args, **kwargs)
+
+    def _predictive_likelihood(self, fitting: bool) -> Likelihood:
+        if self.likelihood == Likelihood.REWARD_MODELING:
+            return Likelihood.CLASSIFICATION if fitting else Likelihood.REGRESSION
+        return self.likelihood
+
+    def _check_predict_args(
+        self, pred_type: PredType, n_samples: int, generator: torch.Generator | None
+    ) -> None:
+        self._check_fitted()
+        if pred_type == PredType.GP:
+            raise ValueError(
+                f"pred_type='gp' needs a function-space Laplace; {type(self).__name__} "
+                "accepts 'glm' or 'nn'"
+            )
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+
+    def predictive_samples(
+        self,
+        x: Inputs,
+        pred_type: PredType | str = PredType.GLM,
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Samples of the predictive (after the link), ``(n_samples, batch, outputs)``."""
+        samples = self.functional_samples(x, pred_type, n_samples, diagonal_output, generator)
+        if self._predictive_likelihood(False) == Likelihood.CLASSIFICATION:
+            return torch.softmax(samples, dim=-1)
+        return samples
+
+    def functional_samples(
+        self,
+        x: Inputs,
+        pred_type: PredType | str = PredType.GLM,
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Samples of the network output before the link, ``(n_samples, batch, outputs)``."""
+        pred_type = parse_enum(PredType, pred_type, "pred_type")
+        self._check_predict_args(pred_type, n_samples, generator)
+        if pred_type == PredType.NN:
+            return self._nn_samples(x, n_samples, generator)
+        if diagonal_output:
+            f_mu, f_var = self._glm_predictive_diagonal(x)
+        else:
+            f_mu, f_var = self._glm_predictive_distribution(x)
+        return glm_samples(f_mu, f_var, n_samples, diagonal_output, generator)

@@ -57,3 +57,21 @@ def test_cells_outside_the_grid_raise(cell):
 def test_unknown_strings_name_the_argument(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         Laplace(make_mlp(), "classification", **kwargs)
+
+
+@pytest.mark.parametrize(("cell", "name"), sorted(PARAMETRIC_GRID.items()))
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_each_cell_predicts_under_no_grad(cell, name, likelihood):
+    """Evaluation loops (and ``validate``) call the predictive under ``torch.no_grad()``."""
+    from conftest import make_data
+    from torch.utils.data import DataLoader, TensorDataset
+
+    subset, structure = cell
+    kwargs = {"subnetwork_indices": torch.tensor([0, 3, 5])} if subset == "subnetwork" else {}
+    x, y = make_data(likelihood, n=12)
+    la = Laplace(make_mlp(), likelihood, subset, structure, **kwargs)
+    la.fit(DataLoader(TensorDataset(x, y), batch_size=4))
+    expected = la(x[:5])
+    with torch.no_grad():
+        got = la(x[:5])
+    torch.testing.assert_close(got, expected)

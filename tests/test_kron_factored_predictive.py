@@ -82,7 +82,7 @@ def test_shared_or_non_linear_layers_fall_back():
 
 def test_layer_that_folds_several_vectors_into_its_batch_falls_back():
     class PairScore(nn.Module):
-        """``(batch, 2, dim) -> (batch, 2)``: the linear layer sees a ``(2 * batch, dim)`` input."""
+        """``(batch, 2, dim) -> (batch, 2)``; the layer sees a ``(2 * batch, dim)`` input."""
 
         def __init__(self):
             super().__init__()

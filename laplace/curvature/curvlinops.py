@@ -56,20 +56,25 @@ References:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
-from curvlinops import (
-    EFLinearOperator,
-    FisherMCLinearOperator,
-    FisherType,
-    GGNLinearOperator,
-    HessianLinearOperator,
-    KFACLinearOperator,
-    KFACType,
-)
 from torch import Tensor, nn
+
+with warnings.catch_warnings():
+    # curvlinops imports linear_operator, which calls the deprecated torch.jit.script at import
+    warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+    from curvlinops import (
+        EFLinearOperator,
+        FisherMCLinearOperator,
+        FisherType,
+        GGNLinearOperator,
+        HessianLinearOperator,
+        KFACLinearOperator,
+        KFACType,
+    )
 
 from laplace.curvature.curvature import CurvatureInterface, EFInterface, GGNInterface
 from laplace.utils.data import Inputs, batch_size

@@ -70,10 +70,13 @@ def linear_jacobian_factors(
     ):
         return None  # e.g. a layer that sees several vectors per sample, folded into its batch
     outputs = [c[0][1] for c in calls]
-    per_output = [
-        torch.autograd.grad(f[:, c].sum(), outputs, retain_graph=True, create_graph=create_graph)
-        for c in range(f.shape[1])
-    ]
+    with torch.enable_grad():  # the caller may predict under torch.no_grad()
+        per_output = [
+            torch.autograd.grad(
+                f[:, c].sum(), outputs, retain_graph=True, create_graph=create_graph
+            )
+            for c in range(f.shape[1])
+        ]
     G = {id(layer): torch.stack([g[i] for g in per_output], 1) for i, layer in enumerate(layers)}
     factors = []
     for layer, kind in owners:
