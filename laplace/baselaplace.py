@@ -37,7 +37,7 @@ from laplace.subsets import AllWeights
 from laplace.tuning import PriorTuningMixin
 from laplace.utils.data import Inputs, check_finite_inputs, dataset_size, unpack_batch
 from laplace.utils.enums import HessianStructure, Likelihood, parse_enum
-from laplace.utils.linear_jacobians import linear_jacobian_factors
+from laplace.utils.linear_jacobians import factored_diagonal_variance, linear_jacobian_factors
 from laplace.utils.matrix import Kron
 
 __all__ = [
@@ -181,10 +181,21 @@ class BaseLaplace(HyperparameterMixin, PriorTuningMixin, PredictiveMixin):
 class ParametricLaplace(BaseLaplace):
     """Gaussian posterior ``N(theta_MAP, P^-1)`` over the parameters of a subset.
 
-    Subclasses declare the structure through ``_structure`` and ``_curvature_cls``.
+    Subclasses declare the structure through ``_structure`` and ``_curvature_cls``, and
+    ``_factored_predictive`` when they implement :meth:`_factored_variance`.
     """
 
     _curvature_cls: ClassVar[type[Curvature]]
+    _factored_predictive: ClassVar[bool] = False
+
+    def _factored_variance(self, factors: list[tuple[Tensor, ...]]) -> Tensor:
+        """``J P^-1 J^T`` per sample from per-parameter Jacobian factors ``(G, a)`` / ``(G,)``
+        (see :func:`~laplace.utils.linear_jacobians.linear_jacobian_factors`).
+
+        Shapes:
+            ``-> (batch, outputs, outputs)``
+        """
+        raise NotImplementedError
 
     def __init__(self, model: nn.Module, likelihood: Likelihood | str, *args, **kwargs) -> None:
         if type(self)._structure is None:
@@ -302,7 +313,13 @@ class ParametricLaplace(BaseLaplace):
     def scatter(self) -> Tensor:
         """``(theta - mu0)^T P0 (theta - mu0)``."""
         delta = self.mean - self.prior_mean
-        return (delta * self.prior_precision_diag) @ delta
+        prior = self.prior_precision
+        if prior.numel() == self.n_params:
+            return (delta * prior) @ delta
+        if prior.numel() == 1:
+            return prior.sum() * (delta @ delta)
+        per_layer = torch.stack([part @ part for part in delta.split(self.subset.sizes)])
+        return prior @ per_layer
 
     @property
     def log_likelihood(self) -> Tensor:
@@ -357,9 +374,20 @@ class ParametricLaplace(BaseLaplace):
     def _glm_predictive_distribution(
         self, X: Inputs, joint: bool = False
     ) -> tuple[Tensor, Tensor]:
-        """``(f_mu, f_var)`` of the linearised model at ``X``."""
+        """``(f_mu, f_var)`` of the linearised model at ``X``.
+
+        Structures that can evaluate ``J P^-1 J^T`` layer by layer (:meth:`_factored_variance`)
+        do so from the Jacobian factors of networks of Linear layers, all weights, marginal
+        variances; everything else forms the Jacobians.
+        """
         if not self.enable_backprop:
             check_finite_inputs(X)
+        if self._factored_predictive and not joint and isinstance(self.subset, AllWeights):
+            factored = linear_jacobian_factors(
+                self.model, self.subset.named_params, X, create_graph=self.enable_backprop
+            )
+            if factored is not None:
+                return factored[1], self._factored_variance(factored[0])
         Js, f_mu = self.subset.jacobians(self.backend, X, self.enable_backprop)
         if joint:
             return f_mu.reshape(-1), self.functional_covariance(Js)
@@ -444,6 +472,10 @@ class DiagLaplace(ParametricLaplace):
 
     _structure = HessianStructure.DIAG
     _curvature_cls = DiagCurvature
+    _factored_predictive = True
+
+    def _factored_variance(self, factors: list[tuple[Tensor, ...]]) -> Tensor:
+        return factored_diagonal_variance(factors, self.posterior_variance)
 
 
 class KronLaplace(ParametricLaplace):
@@ -457,6 +489,7 @@ class KronLaplace(ParametricLaplace):
 
     _structure = HessianStructure.KRON
     _curvature_cls = KronCurvature
+    _factored_predictive = True
 
     def __init__(
         self,
@@ -493,21 +526,8 @@ class KronLaplace(ParametricLaplace):
     def _make_curvature(self) -> Curvature:
         return KronCurvature.zeros(self.params, damping=self.damping)
 
-    def _glm_predictive_distribution(
-        self, X: Inputs, joint: bool = False
-    ) -> tuple[Tensor, Tensor]:
-        """Per-layer GLM variance for linear layers; the generic Jacobian route otherwise."""
-        if joint or not isinstance(self.subset, AllWeights):
-            return super()._glm_predictive_distribution(X, joint)
-        if not self.enable_backprop:
-            check_finite_inputs(X)
-        factored = linear_jacobian_factors(
-            self.model, self.subset.named_params, X, create_graph=self.enable_backprop
-        )
-        if factored is None:
-            return super()._glm_predictive_distribution(X, joint)
-        factors, f_mu = factored
-        return f_mu, self.posterior_precision.inv_square_form_factored(factors)
+    def _factored_variance(self, factors: list[tuple[Tensor, ...]]) -> Tensor:
+        return self.posterior_precision.inv_square_form_factored(factors)
 
     def _check_prior_structure(self, value: Tensor) -> None:
         if value.numel() not in (1, self.n_layers):

@@ -90,7 +90,16 @@ class HyperparameterMixin:
 
     @property
     def log_det_prior_precision(self) -> Tensor:
-        return self.prior_precision_diag.log().sum()
+        """``log det P0``, from the scalar or per-layer values without expanding them."""
+        prior = self.prior_precision
+        if prior.numel() == self.n_params:
+            return prior.log().sum()
+        return (self._prior_counts(prior) * prior.log()).sum()
+
+    def _prior_counts(self, prior: Tensor) -> Tensor:
+        """Number of parameters each entry of a scalar or per-layer ``prior`` covers."""
+        sizes = [self.n_params] if prior.numel() == 1 else self.subset.sizes
+        return torch.as_tensor(sizes, device=prior.device, dtype=prior.dtype)
 
     @property
     def prior_mean(self) -> Tensor:

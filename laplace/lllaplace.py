@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from laplace.baselaplace import DiagLaplace, FullLaplace, KronLaplace, ParametricLaplace
 from laplace.hyperparameters import _as_tensor, _check_positive
 from laplace.subsets import LastLayer
-from laplace.utils.data import Inputs, check_finite_inputs, dataset_size, unpack_batch
+from laplace.utils.data import Inputs, all_finite, check_finite_inputs, dataset_size, unpack_batch
 from laplace.utils.enums import Likelihood, parse_enum
 from laplace.utils.feature_extractor import FeatureExtractor, FeatureReduction
 from laplace.utils.matrix import Kron
@@ -161,13 +161,13 @@ def linear_kron_ggn(
 
 
 def _check_finite(curvature: Tensor | Kron) -> Tensor | Kron:
-    """Return ``curvature``, or raise if it has NaN or Inf entries (one reduction per tensor).
+    """Return ``curvature``, or raise if it has NaN or Inf entries (see :func:`all_finite`).
 
     Raises:
         ValueError: If an entry is not finite.
     """
     tensors = [f for fs in curvature.kfacs for f in fs] if isinstance(curvature, Kron) else []
-    if not all(torch.isfinite(t.sum()) for t in tensors or [curvature]):
+    if not all(all_finite(t) for t in tensors or [curvature]):
         raise ValueError(
             "the curvature contains NaN or Inf values; check the model (outputs and "
             "parameters) and the data for NaN, Inf or overflow"

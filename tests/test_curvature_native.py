@@ -17,7 +17,12 @@ from groundtruth import (
 )
 from torch import Tensor, nn
 
-from laplace.curvature.curvature import CurvatureInterface, EFInterface, GGNInterface
+from laplace.curvature.curvature import (
+    CurvatureInterface,
+    EFInterface,
+    GGNInterface,
+    _softmax_hessian_root,
+)
 from laplace.utils.enums import HessianStructure, Likelihood
 
 TOL = {"atol": 1e-10, "rtol": 1e-10}
@@ -120,6 +125,21 @@ def test_reward_modeling_is_classification():
     backend = GGNInterface(model, "reward_modeling")
     assert backend.likelihood == Likelihood.CLASSIFICATION and backend.factor == 1.0
     torch.testing.assert_close(backend.full(x, y)[1], dense_ggn(model, x, y, "classification"))
+
+
+@pytest.mark.parametrize("outputs", [1, 2, 3, 10])
+@pytest.mark.parametrize("scale", [1.0, 30.0, 300.0])
+def test_softmax_hessian_root_has_one_row_fewer(outputs, scale):
+    """``R^T R`` is the cross-entropy output Hessian, also when probabilities underflow."""
+    generator = torch.Generator().manual_seed(outputs)
+    f = scale * torch.randn(7, outputs, generator=generator, dtype=torch.float64)
+    f[0] = 0.0  # uniform probabilities: every class ties for the most probable
+    p = torch.softmax(f, dim=-1)
+    hessian = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    R = _softmax_hessian_root(f)
+    assert R.shape == (7, outputs - 1, outputs)
+    assert torch.isfinite(R).all()
+    torch.testing.assert_close(R.transpose(1, 2) @ R, hessian, atol=1e-14, rtol=0)
 
 
 def test_mc_ggn_converges_to_exact_ggn(likelihood):
@@ -381,3 +401,36 @@ def test_non_matrix_output_raises():
     model = nn.Sequential(make_mlp(), nn.Flatten(0))
     with pytest.raises(ValueError, match=r"\(batch, outputs\)"):
         GGNInterface(model, "regression").jacobians(X)
+
+
+@pytest.mark.parametrize("variant", ["mlp", "frozen", "dict", "wide", "subnetwork", "last_layer"])
+def test_ggn_diag_of_linear_networks_skips_the_jacobians(monkeypatch, variant, likelihood):
+    """Networks of Linear layers get the GGN diagonal from layer factors, equal to dense."""
+    kind = variant if variant in ("frozen", "dict") else "mlp"
+    model, x, ref, x_ref, y = setup(kind, likelihood)
+    options, index = {}, slice(None)
+    if variant == "wide":
+        model = ref = make_mlp(n_out=4, seed=3)
+        x, y = make_data(likelihood, n_out=4)
+        x_ref = x
+    if variant == "subnetwork":
+        index = torch.tensor([30, 0, 4, 17, 20])
+        options["subnetwork_indices"] = index
+    if variant == "last_layer":
+        model = TinyExtractor()
+        x_ref = model.forward_with_features(x)[1].detach()
+        ref = model.last_layer
+        options["last_layer"] = True
+    for rows in (True, False):  # both sampled and exact output Hessian roots
+        backend = GGNInterface(model, likelihood, stochastic=not rows, num_samples=3, **options)
+        monkeypatch.setattr(
+            GGNInterface, "jacobians", lambda *a, **k: pytest.fail("formed the Jacobians")
+        )
+        loss, h = backend.diag(x, y, generator=torch.Generator().manual_seed(5))
+        monkeypatch.undo()
+        _, H = backend.full(x, y, generator=torch.Generator().manual_seed(5))
+        torch.testing.assert_close(h, H.diagonal(), **TOL)
+        if rows:
+            H_ref = dense_ggn(ref, x_ref, y, likelihood)
+            torch.testing.assert_close(h, H_ref.diagonal()[index], **TOL)
+            torch.testing.assert_close(loss, total_loss(ref, x_ref, y, likelihood), **TOL)

@@ -41,12 +41,7 @@ References:
 
 from __future__ import annotations
 
-import copy
-import itertools
-import warnings
-from collections.abc import Iterator, MutableMapping
-from contextlib import contextmanager
-from importlib.metadata import version
+from collections.abc import MutableMapping
 from typing import Any, ClassVar
 
 import torch
@@ -62,208 +57,24 @@ from backpack.extensions import (
     SumGradSquared,
 )
 from backpack.extensions.backprop_extension import BackpropExtension
-from backpack.extensions.secondorder.hbp.conv2d import HBPConv2d
 from torch import Tensor, nn
 
+from laplace.curvature._backpack_support import (
+    _KFAC_LAYERS,
+    _KFAC_PARAMETER_FREE,
+    _check_backpack_model,
+    _ExpandConv2d,
+    _extended_copy,
+    _hooks_active,
+    _is_sequential,
+    _seeded,
+)
 from laplace.curvature.curvature import CurvatureInterface, EFInterface, GGNInterface
 from laplace.utils.data import Inputs
 from laplace.utils.enums import HessianStructure, Likelihood
 from laplace.utils.matrix import Kron
 
 __all__ = ["BackPackInterface", "BackPackGGN", "BackPackEF"]
-
-_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
-"""Layers with parameters that every extension used here supports (exact types)."""
-
-_PARAMETER_FREE: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.LeakyReLU,
-    nn.LogSigmoid,
-    nn.ELU,
-    nn.SELU,
-    nn.Identity,
-    nn.Dropout,
-    nn.Flatten,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.ZeroPad2d,
-)
-"""Parameter-free modules that BackPACK's second-order extensions propagate through."""
-
-_KFAC_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
-_KFAC_PARAMETER_FREE: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Identity,
-    nn.Dropout,
-    nn.Flatten,
-    nn.MaxPool2d,
-    nn.AvgPool2d,
-    nn.ZeroPad2d,
-)
-"""The subset of modules BackPACK's ``KFLR``/``KFAC`` extensions support."""
-
-_NORMALISATION: tuple[type[nn.Module], ...] = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.LazyBatchNorm1d,
-    nn.LazyBatchNorm2d,
-    nn.LazyBatchNorm3d,
-    nn.SyncBatchNorm,
-    nn.InstanceNorm1d,
-    nn.InstanceNorm2d,
-    nn.InstanceNorm3d,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
-    nn.RMSNorm,
-)
-
-_ALTERNATIVES = (
-    "use CurvlinopsGGN / CurvlinopsEF or the torch.func GGNInterface / EFInterface, "
-    "which take any model"
-)
-
-_HOOK_WARNING = "Full backward hook is firing when gradients are computed with respect to"
-
-
-def _is_sequential(module: nn.Module) -> bool:
-    """Whether ``module`` is an ``nn.Sequential`` that runs its children in order."""
-    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
-
-
-def _check_backpack_model(module: nn.Module, where: str) -> None:
-    """Raise unless BackPACK can extend ``module`` for every method of these backends.
-
-    Args:
-        module: The model, or the last layer with ``last_layer=True``.
-        where: How to name ``module`` in error messages.
-
-    Raises:
-        ValueError: If ``module`` is no ``nn.Sequential`` (nor a single supported layer),
-            or contains a normalisation layer or a module BackPACK has no extension for.
-    """
-    supported = _LAYERS + _PARAMETER_FREE
-    for name, child in module.named_modules(prefix=where):
-        if _is_sequential(child) or type(child) in supported:
-            continue
-        if isinstance(child, _NORMALISATION):
-            raise ValueError(
-                f"{name} is a normalisation layer ({type(child).__name__}): it couples the "
-                f"samples of a batch, so BackPACK's per-sample quantities do not apply; "
-                f"{_ALTERNATIVES}"
-            )
-        if child is module:
-            raise ValueError(
-                f"{where} must be an nn.Sequential of layers BackPACK supports for the "
-                f"BackPACK backends, got {type(module).__name__}; {_ALTERNATIVES}"
-            )
-        names = ", ".join(t.__name__ for t in supported)
-        raise ValueError(
-            f"BackPACK has no extension for {name} ({type(child).__name__}); supported "
-            f"modules: nn.Sequential, {names}; {_ALTERNATIVES}"
-        )
-
-
-def _extended_copy(module: nn.Module) -> nn.Module:
-    """A BackPACK-extended copy of ``module`` that shares its parameters and buffers."""
-    shared = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
-    return extend(copy.deepcopy(module, memo=shared))
-
-
-@contextmanager
-def _hooks_active() -> Iterator[None]:
-    """Enable gradients and silence torch's note on hooks of inputs without gradients."""
-    with torch.enable_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_HOOK_WARNING, category=UserWarning)
-        yield
-
-
-@contextmanager
-def _seeded(generator: torch.Generator | None, device: torch.device) -> Iterator[None]:
-    """Run BackPACK's sampling (torch's global generator) from a seed drawn from ``generator``.
-
-    Without a ``generator`` the global random state is used and advanced as usual;
-    otherwise it is restored afterwards.
-    """
-    if generator is None:
-        yield
-        return
-    seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device).item())
-    cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
-        yield
-
-
-class _ExpandConv2d(HBPConv2d):
-    """BackPACK ``KFLR``/``KFAC`` module extension giving ``nn.Conv2d`` factors as curvlinops.
-
-    ``backproped`` is the (exact or sampled) square root of the GGN w.r.t. the layer output
-    and ``module.input0`` the layer input, as BackPACK documents for its ``HBPConv2d``.
-    Weight: ``[sum_{c,n,r} g g^T, 1 / (M R) sum_{n,r} a a^T]`` with ``a`` the unfolded input
-    patches; bias: ``[sum_{c,n,r} g g^T]``. The backward propagation is BackPACK's own.
-    """
-
-    def weight(
-        self,
-        ext: BackpropExtension,
-        module: nn.Conv2d,
-        g_inp: tuple[Tensor, ...],
-        g_out: tuple[Tensor, ...],
-        backproped: Tensor,
-    ) -> list[Tensor]:
-        """``[B, A]`` of the weight. Shapes: ``B``: ``(out, out)``; ``A``: ``(in*kh*kw,)*2``."""
-        patches = nn.functional.unfold(
-            module.input0, module.kernel_size, module.dilation, module.padding, module.stride
-        )
-        A = torch.einsum("nil,njl->ij", patches, patches) / (patches.shape[0] * patches.shape[2])
-        return [self._output_factor(module, backproped), A]
-
-    def bias(
-        self,
-        ext: BackpropExtension,
-        module: nn.Conv2d,
-        g_inp: tuple[Tensor, ...],
-        g_out: tuple[Tensor, ...],
-        backproped: Tensor,
-    ) -> list[Tensor]:
-        """``[B]`` of the bias. Shapes: ``B``: ``(out, out)``."""
-        return [self._output_factor(module, backproped)]
-
-    @staticmethod
-    def _output_factor(module: nn.Conv2d, backproped: Tensor) -> Tensor:
-        """``sum_{c,n,r} g g^T`` from the square root of shape ``(c, n, out, h, w)``.
-
-        Raises:
-            RuntimeError: If BackPACK passes a quantity of another shape (this extension
-                was written against backpack-for-pytorch 1.7).
-        """
-        if backproped.ndim != 5 or backproped.shape[1:] != module.output.shape:
-            raise RuntimeError(
-                "BackPACK passed a K-FAC quantity of unexpected shape "
-                f"{tuple(backproped.shape)} for a Conv2d output {tuple(module.output.shape)}; "
-                f"the BackPACK backends were written for backpack-for-pytorch 1.7, installed: "
-                f"{version('backpack-for-pytorch')}"
-            )
-        root = backproped.flatten(3)
-        return torch.einsum("cnil,cnjl->ij", root, root)
 
 
 class BackPackInterface(CurvatureInterface):

@@ -33,8 +33,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from laplace.utils.data import Inputs, batch_size
+from laplace.utils.data import Inputs, all_finite, batch_size
 from laplace.utils.enums import HessianStructure, Likelihood, parse_enum
+from laplace.utils.linear_jacobians import factored_gram_diagonal, linear_jacobian_factors
 
 __all__ = ["CurvatureInterface", "GGNInterface", "EFInterface"]
 
@@ -233,7 +234,7 @@ class CurvatureInterface:
     @staticmethod
     def _check_finite(curvature: Tensor) -> Tensor:
         """Return ``curvature``, or raise ``ValueError`` if it has NaN or Inf entries."""
-        if not torch.isfinite(curvature).all():
+        if not all_finite(curvature):
             raise ValueError(
                 "the curvature contains NaN or Inf values; check the model (outputs and "
                 "parameters) and the data for NaN, Inf or overflow"
@@ -378,7 +379,7 @@ class CurvatureInterface:
         """
         self._check_inputs(x)
         module, inputs = self._module_and_input(x)
-        named = {name: p.detach() for name, p in zip(self._param_names, self.params)}
+        named = dict(zip(self._param_names, self.params))
         with torch.no_grad():
             f = functional_call(module, named, (inputs,))
         self._check_output(f)
@@ -413,6 +414,34 @@ class CurvatureInterface:
         """``(loss, Kron)`` of a batch: the Kronecker-factored curvature."""
         self._check_structure(HessianStructure.KRON)
         raise NotImplementedError(f"{type(self).__name__} lists 'kron' but lacks kron()")
+
+
+def _softmax_hessian_root(f: Tensor) -> Tensor:
+    """``R`` with ``R_n^T R_n = diag(p_n) - p_n p_n^T`` (``p = softmax(f)``), outputs - 1 rows.
+
+    The Hessian has rank ``outputs - 1`` (it annihilates the ones vector), so one row fewer
+    than a square root suffices, which saves a tenth of the Gram products for ten classes and
+    half for two. With ``j`` the most probable class, ``q`` the probabilities with ``q_j = 0``
+    and ``E = I - 1 e_j^T``: ``Lambda = E^T A E`` with ``A = diag(q) - q q^T``, and
+    ``A = B^T B`` for ``B = diag(sqrt q) - a sqrt(q) q^T`` with ``a = 1 / (1 + sqrt(p_j))``
+    (``(I - a u u^T)^2 = I - u u^T`` for ``u = sqrt q``, as ``|u|^2 = 1 - p_j``). ``R`` is
+    ``B E`` without its zero row ``j``. Choosing the most probable ``j`` keeps ``a`` in
+    ``[1/2, 1 / (1 + outputs^-1/2)]``; no entry is divided by a probability.
+
+    Shapes:
+        ``f``: ``(batch, outputs)`` -> ``(batch, outputs - 1, outputs)``
+    """
+    p = torch.softmax(f, dim=-1)
+    batch, outputs = p.shape
+    j = p.argmax(dim=-1, keepdim=True)
+    q = p.scatter(-1, j, 0.0)
+    a = 1.0 / (1.0 + p.gather(-1, j).sqrt())
+    root_q = q.sqrt()
+    B = torch.diag_embed(root_q) - (a * root_q).unsqueeze(-1) * q.unsqueeze(-2)
+    R = B - B.sum(dim=-1, keepdim=True) * nn.functional.one_hot(j[:, 0], outputs).to(B)[:, None]
+    rows = torch.arange(outputs, device=f.device).expand(batch, outputs)
+    rows = rows[rows != j].view(batch, outputs - 1)
+    return R.gather(1, rows.unsqueeze(-1).expand(batch, outputs - 1, outputs))
 
 
 class _GramInterface(CurvatureInterface, ABC):
@@ -522,12 +551,7 @@ class GGNInterface(_GramInterface):
         """
         regression = self.likelihood == Likelihood.REGRESSION
         if not self.stochastic:
-            if regression:
-                return None
-            p = torch.softmax(f, dim=-1)
-            root_p = p.sqrt()
-            # S = diag(sqrt p) - p sqrt(p)^T has S S^T = diag(p) - p p^T as sum(p) = 1; R = S^T.
-            return torch.diag_embed(root_p) - root_p.unsqueeze(-1) * p.unsqueeze(-2)
+            return None if regression else _softmax_hessian_root(f)
         batch, outputs = f.shape
         shape = (batch, self.num_samples, outputs)
         if regression:
@@ -539,6 +563,37 @@ class GGNInterface(_GramInterface):
             labels = torch.multinomial(p, self.num_samples, replacement=True, generator=generator)
             output_grads = p.unsqueeze(1) - nn.functional.one_hot(labels, outputs).to(f.dtype)
         return output_grads / math.sqrt(self.num_samples)
+
+    def diag(
+        self,
+        x: Inputs,
+        y: Tensor,
+        N: int | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Tensor]:
+        """``(loss, h)`` of a batch; layer by layer when every parameter is a Linear's.
+
+        For networks whose trainable parameters all sit in ``nn.Linear`` layers that see one
+        vector per sample, the diagonal comes from the layers' inputs and output gradients
+        (:func:`~laplace.utils.linear_jacobians.factored_gram_diagonal`): one backward pass
+        per output instead of the ``(batch, outputs, params)`` Jacobians. Other networks take
+        the per-sample Jacobians. Arguments as for :meth:`full`.
+
+        Shapes:
+            ``h``: ``(params,)``
+        """
+        self._check_inputs(x)
+        module, inputs = self._module_and_input(x)
+        named = dict(zip(self._param_names, self.params))
+        factored = linear_jacobian_factors(module, named, inputs) if named else None
+        if factored is None:
+            return super().diag(x, y, N=N, generator=generator, **kwargs)
+        factors, f = factored
+        y = self._check_targets(y, f)
+        root = self._output_root(f, self.generator if generator is None else generator)
+        h = self._restrict(factored_gram_diagonal(factors, root))
+        return self.factor * self.lossfunc(f, y), self._check_finite(h)
 
     def _factor(
         self, x: Inputs, y: Tensor, generator: torch.Generator | None = None, **kwargs: Any

@@ -9,7 +9,7 @@ precisions only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -26,14 +26,44 @@ class KronPosterior(Posterior):
     """Posterior precision ``P`` held as a :class:`~laplace.utils.matrix.KronDecomposed`.
 
     Args:
-        precision: ``factor * H + prior`` in decomposed form.
+        precision: ``factor * H + prior`` in decomposed form, or a callable returning it.
+        spectrum: ``(e, factor, prior, counts)``: the eigenvalues ``e`` of ``H`` block by
+            block, the factor, the scalar or per-block prior and the block sizes, when ``P``
+            has the eigenvalues ``factor * e + prior`` (no damping).
     """
 
-    def __init__(self, precision: KronDecomposed) -> None:
-        self._precision = precision
+    def __init__(
+        self,
+        precision: KronDecomposed | Callable[[], KronDecomposed],
+        spectrum: tuple[Tensor, Tensor | float, Tensor, Tensor] | None = None,
+    ) -> None:
+        self._build = precision if callable(precision) else None
+        self._built = None if callable(precision) else precision
+        self._spectrum = spectrum
+
+    @property
+    def _precision(self) -> KronDecomposed:
+        """``P``, built on first use when given as a callable (a marginal-likelihood step
+        needs only :meth:`logdet`)."""
+        if self._built is None:
+            self._built = self._build()
+        return self._built
 
     def logdet(self) -> Tensor:
-        return self._precision.logdet()
+        """``log det P``; from the cached spectrum of ``H`` when the curvature passed it.
+
+        ``P = factor * H + prior`` has the eigenvalues ``factor * e + prior`` for the
+        eigenvalues ``e`` of ``H`` (without damping), so a marginal-likelihood step costs a
+        few operations on one vector instead of rebuilding every block's outer product.
+        """
+        if self._spectrum is None:
+            return self._precision.logdet()
+        eigenvalues, factor, prior, counts = self._spectrum
+        factor = torch.as_tensor(factor).to(eigenvalues)
+        prior = prior.to(eigenvalues)
+        if prior.numel() > 1:
+            prior = prior.repeat_interleave(counts)
+        return (factor * eigenvalues + prior).log().sum()
 
     def quad(self, v: Tensor) -> Tensor:
         return (v * self._precision.bmm(v, exponent=1)).sum(-1)
@@ -167,6 +197,7 @@ class KronCurvature(Curvature):
         self.damping = bool(damping)
         self._decomposed: KronDecomposed | None = None
         self._decomposed_factors: list[Tensor] = []
+        self._spectrum: tuple[KronDecomposed, Tensor, Tensor] | None = None
 
     @classmethod
     def zeros(cls, params: Sequence[Tensor], damping: bool = False) -> KronCurvature:
@@ -194,6 +225,19 @@ class KronCurvature(Curvature):
             self._decomposed_factors = factors
         return self._decomposed
 
+    def spectrum(self) -> tuple[Tensor, Tensor]:
+        """All eigenvalues of ``H`` block by block, and the block sizes; cached.
+
+        Shapes:
+            ``(params,)``, ``(blocks,)``
+        """
+        decomposed = self.decomposed()
+        if self._spectrum is None or self._spectrum[0] is not decomposed:
+            blocks = [decomposed._block_eigenvalues(i) for i in range(len(decomposed))]
+            counts = torch.as_tensor(decomposed.sizes, device=blocks[0].device)
+            self._spectrum = (decomposed, torch.cat(blocks), counts)
+        return self._spectrum[1], self._spectrum[2]
+
     def add_(self, H_batch: Kron) -> None:
         """Add one batch's Kronecker factors.
 
@@ -214,10 +258,19 @@ class KronCurvature(Curvature):
                 f"{prior_precision.numel()}: Kron supports scalar or layerwise prior precision"
             )
         cached = self.decomposed()
-        decomposed = KronDecomposed(
-            cached.eigenvectors, cached.eigenvalues, cached.deltas, damping=self.damping
-        )
-        return KronPosterior(decomposed * factor + prior_precision.reshape(-1))
+        prior = prior_precision.reshape(-1)
+
+        def build() -> KronDecomposed:
+            decomposed = KronDecomposed(
+                cached.eigenvectors, cached.eigenvalues, cached.deltas, damping=self.damping
+            )
+            return decomposed * factor + prior
+
+        spectrum = None
+        if not self.damping:
+            eigenvalues, counts = self.spectrum()
+            spectrum = (eigenvalues, factor, prior, counts)
+        return KronPosterior(build, spectrum)
 
     def public(self) -> Kron:
         return self.H

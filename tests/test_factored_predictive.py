@@ -1,4 +1,4 @@
-"""The per-layer Kronecker GLM variance equals the dense ``J P^-1 J^T``."""
+"""The per-layer GLM variance of Kron and diag posteriors equals the dense ``J P^-1 J^T``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from groundtruth import dense_jacobians
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from laplace import KronLaplace
+from laplace import DiagLaplace, KronLaplace
 from laplace.utils.linear_jacobians import linear_jacobian_factors
 
 
@@ -99,3 +99,29 @@ def test_layer_that_folds_several_vectors_into_its_batch_falls_back():
     _, f_var = la(x)
     assert f_var.shape == (4, 2, 2)
     torch.testing.assert_close(f_var, la.functional_variance(dense_jacobians(model, x)))
+
+
+@pytest.mark.parametrize("prior", ["scalar", "layerwise", "diagonal"])
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_diag_factored_variance_matches_dense_without_jacobians(monkeypatch, likelihood, prior):
+    model = make_mlp(n_out=3)
+    x, y = make_data(likelihood, n_out=3)
+    n_params = sum(p.numel() for p in model.parameters())
+    priors = {
+        "scalar": torch.tensor(0.7),
+        "layerwise": torch.tensor([0.3, 0.5, 0.7, 0.9]),
+        "diagonal": torch.linspace(0.2, 2.0, n_params),
+    }
+    la = DiagLaplace(model, likelihood, prior_precision=priors[prior])
+    la.fit(DataLoader(TensorDataset(x, y), batch_size=5))
+    Js = dense_jacobians(model, x)
+    expected = torch.einsum("bkp,p,blp->bkl", Js, la.posterior_variance, Js)
+    monkeypatch.setattr(type(la.backend), "jacobians", lambda *a, **k: pytest.fail("Jacobians"))
+    _, f_var = la._glm_predictive_distribution(x)
+    torch.testing.assert_close(f_var, expected)
+    if likelihood == "regression":
+        torch.testing.assert_close(la(x)[1], expected)
+    else:
+        probs = la(x, link_approx="probit")
+        kappa = 1 / torch.sqrt(1 + torch.pi / 8 * expected.diagonal(dim1=1, dim2=2))
+        torch.testing.assert_close(probs, torch.softmax(kappa * la.model(x), -1))
