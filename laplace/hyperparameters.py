@@ -31,7 +31,8 @@ def _as_tensor(value: object, name: str, device: torch.device, dtype: torch.dtyp
 
 def _check_positive(value: Tensor, name: str) -> None:
     with torch.no_grad():
-        if not torch.isfinite(value).all() or not (value > 0).all():
+        low, high = torch.aminmax(value.detach().reshape(-1))
+        if not bool((low > 0) & (high < math.inf)):
             shown = value.detach().flatten()[:5].tolist()
             raise ValueError(f"{name} must be positive and finite, got {shown}")
 

@@ -102,7 +102,10 @@ class PriorTuningMixin:
         optimizer = torch.optim.Adam([log_prior_prec], lr=lr)
         for _ in tqdm(range(n_steps), desc="marglik", disable=not progress):
             optimizer.zero_grad()
-            neg_marglik = -self.log_marginal_likelihood(prior_precision=log_prior_prec.exp())
+            # exp() is positive and keeps the validated shape of `init`: skip the setter's
+            # checks inside the loop; the final assignment below checks the result
+            self._prior_precision, self._posterior_cache = log_prior_prec.exp(), None
+            neg_marglik = -self.log_marginal_likelihood()
             neg_marglik.backward()
             optimizer.step()
         self.prior_precision = log_prior_prec.detach().exp()
