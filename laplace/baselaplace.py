@@ -240,17 +240,25 @@ class ParametricLaplace(BaseLaplace):
             check_finite_inputs(X)
             if self.n_outputs is None or n_batches == 0:
                 self._set_n_outputs(X)
-            batch_loss, H_batch = self._curvature_step(X, y, n_data)
-            if H_batch is not None:
-                H_new.add_(H_batch)
-            loss = loss + batch_loss.detach()
+            loss = loss + self._add_batch(H_new, X, y, n_data).detach()
             n_batches += 1
         if n_batches == 0:
             raise ValueError("train_loader yielded no batches")
+        self._finish_batches(H_new, n_data)
         self._merge_fit(H_new, n_data)
         self.loss = self.loss + loss
         self.n_data = n_data + (self.n_data or 0)
         self._posterior_cache = None
+
+    def _add_batch(self, H_new: Curvature, X: Inputs, y: Tensor, n_data: int) -> Tensor:
+        """Add one batch's curvature to ``H_new`` and return the batch's loss."""
+        batch_loss, H_batch = self._curvature_step(X, y, n_data)
+        if H_batch is not None:
+            H_new.add_(H_batch)
+        return batch_loss
+
+    def _finish_batches(self, H_new: Curvature, n_data: int) -> None:
+        """Hook after the last batch, for curvatures that :meth:`_add_batch` keeps raw."""
 
     def _merge_fit(self, H_new: Curvature, n_data: int) -> None:
         self.H.add_(H_new.public())

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from laplace.baselaplace import DiagLaplace, FullLaplace, KronLaplace, ParametricLaplace
 from laplace.hyperparameters import _as_tensor, _check_positive
+from laplace.posterior.base import Curvature
 from laplace.subsets import LastLayer
 from laplace.utils.data import Inputs, all_finite, check_finite_inputs, dataset_size, unpack_batch
 from laplace.utils.enums import Likelihood, parse_enum
@@ -324,12 +325,18 @@ class LLLaplace(ParametricLaplace):
             )
         self.n_outputs = n_outputs
 
-    def _curvature_step(self, X: Inputs, y: Tensor, n_data: int) -> tuple[Tensor, Any]:
-        """Closed-form GGN from one forward pass; other backends are asked directly."""
-        bias = self.subset.linear_bias()
+    def _closed_form(self) -> bool:
+        """Whether the GGN comes in closed form from the features: a GGN backend and a
+        trainable last-layer weight (with or without its bias)."""
+        return self.subset.linear_bias() is not None and computes_ggn(self.backend)
+
+    def _linear_step(self, X: Inputs, y: Tensor) -> tuple[Tensor, Tensor, OutputCurvature]:
+        """``(loss, phi, Lambda)`` of a batch from one forward pass.
+
+        Raises:
+            ValueError: For an output that does not match the last layer, or bad targets.
+        """
         backend = self.backend
-        if bias is None or not computes_ggn(backend):
-            return super()._curvature_step(X, y, n_data)
         f, phi = self.subset.features(X)
         if f.shape != (phi.shape[0], self.n_outputs):
             raise ValueError(
@@ -337,9 +344,16 @@ class LLLaplace(ParametricLaplace):
                 f"{self.n_outputs}) like the last layer's, got {tuple(f.shape)}"
             )
         y = backend._check_targets(y, f)
-        loss = backend.factor * backend.lossfunc(f, y)
-        lam = output_curvature(backend, f)
-        H = type(self)._linear_curvature(phi, lam, bias=bias, n_data=n_data, factor=backend.factor)
+        return backend.factor * backend.lossfunc(f, y), phi, output_curvature(backend, f)
+
+    def _curvature_step(self, X: Inputs, y: Tensor, n_data: int) -> tuple[Tensor, Any]:
+        """Closed-form GGN from one forward pass; other backends are asked directly."""
+        if not self._closed_form():
+            return super()._curvature_step(X, y, n_data)
+        loss, phi, lam = self._linear_step(X, y)
+        bias = self.subset.linear_bias()
+        factor = self.backend.factor
+        H = type(self)._linear_curvature(phi, lam, bias=bias, n_data=n_data, factor=factor)
         return loss, _check_finite(H)
 
     # ------------------------------------------------------------------ predictive
@@ -445,6 +459,36 @@ class KronLLLaplace(LLLaplace, KronLaplace):
     """
 
     _linear_curvature = staticmethod(linear_kron_ggn)
+
+    def _add_batch(self, H_new: Curvature, X: Inputs, y: Tensor, n_data: int) -> Tensor:
+        """Accumulate ``sum_n Lambda_n`` and ``sum_n phi_n phi_n^T`` in place.
+
+        The sums go straight into ``H_new``'s weight factors with ``addmm_`` (no per-batch
+        factors to allocate and add, and ``B`` once instead of for weight and bias);
+        :meth:`_finish_batches` then scales them as :func:`linear_kron_ggn` does.
+        """
+        if not self._closed_form():
+            return super()._add_batch(H_new, X, y, n_data)
+        loss, phi, lam = self._linear_step(X, y)
+        B, A = H_new.public().kfacs[0]
+        if lam.root is not None:
+            flat = lam.root.flatten(0, 1)
+            B.addmm_(flat.mT, flat, alpha=lam.sign)
+        if lam.diagonal is not None:
+            B.diagonal().add_(lam.diagonal.sum(0))
+        A.addmm_(phi.mT, phi, alpha=math.sqrt(self.backend.factor) / n_data)
+        return loss
+
+    def _finish_batches(self, H_new: Curvature, n_data: int) -> None:
+        if not self._closed_form():
+            return
+        blocks = H_new.public().kfacs
+        B = blocks[0][0]
+        if len(blocks) == 2:  # the bias block is B unscaled
+            blocks[1][0].copy_(B)
+        B.div_(math.sqrt(self.backend.factor))
+        _check_finite(H_new.public())
+        H_new._invalidate()
 
     def __init__(
         self,

@@ -536,3 +536,27 @@ def test_torch_save_whole_object(structure):
     later.fit(loader(x, y))
     for a, b in zip(later(x[:4]), expected):
         torch.testing.assert_close(a, b)
+
+
+def test_kron_fit_accumulates_factors_in_place(monkeypatch):
+    """The K-FAC sums go straight into the factors: one add per fit (the merge), not per batch;
+    the result equals the per-batch closed form summed over the batches."""
+    from laplace.lllaplace import linear_kron_ggn, output_curvature
+    from laplace.posterior.kron import KronCurvature
+
+    model, x, y = make_model("mlp", "classification")
+    la = KronLLLaplace(model, "classification")
+    calls = []
+    add = KronCurvature.add_
+    monkeypatch.setattr(KronCurvature, "add_", lambda self, H: calls.append(1) or add(self, H))
+    la.fit(loader(x, y, batch_size=3))
+    assert len(calls) == 1 and len(x) > 9
+    expected = None
+    for xb, _ in loader(x, y, batch_size=3):
+        f, phi = la.subset.features(xb)
+        lam = output_curvature(la.backend, f)
+        part = linear_kron_ggn(phi, lam, bias=True, n_data=len(x), factor=la.backend.factor)
+        expected = part if expected is None else expected + part
+    for got, want in zip(la.H.public().kfacs, expected.kfacs):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
