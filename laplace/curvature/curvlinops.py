@@ -339,7 +339,8 @@ class CurvlinopsInterface(CurvatureInterface):
                 else:
                     kfacs[position] = [B]
         # the loss factor is spread evenly over a block's factors (sqrt(s) on each of B and A)
-        return loss, Kron(kfacs) * self._scale
+        kron = Kron(kfacs)
+        return loss, kron if self._scale == 1 else kron * self._scale
 
     def _check_kfac_layers(self, module: nn.Module) -> None:
         """Raise unless every parameter in ``params`` belongs to a Linear or Conv2d layer.
