@@ -183,6 +183,74 @@ def test_kron_batches_sum_to_full_data_kfac(backend, model_name, likelihood):
     torch.testing.assert_close((first + second).to_matrix(), full_batch.to_matrix(), **TOL)
 
 
+def _operator_forbidden(*args, **kwargs):
+    raise AssertionError("KFACLinearOperator was used")
+
+
+@fisher_backends
+@models
+def test_exact_kron_needs_no_kfac_operator(backend, model_name, likelihood, monkeypatch):
+    """Exact GGN and EF K-FAC come from one forward and one batched backward pass."""
+    monkeypatch.setattr(curvlinops_backend, "KFACLinearOperator", _operator_forbidden)
+    model, x, y = setup(model_name, likelihood)
+    loss, kron = backend(model, likelihood).kron(x, y, N=30)
+    assert_kron_matches_reference(kron, naive_kfac(model, x, y, likelihood, KINDS[backend], 30))
+    torch.testing.assert_close(loss, total_loss(model, x, y, likelihood))
+
+
+@fisher_backends
+@models
+def test_kron_operator_path_matches_naive_kfac(backend, model_name, likelihood, monkeypatch):
+    monkeypatch.setattr(curvlinops_backend, "batch_kfac", lambda *args: None)
+    model, x, y = setup(model_name, likelihood)
+    loss, kron = backend(model, likelihood).kron(x, y, N=30)
+    assert_kron_matches_reference(kron, naive_kfac(model, x, y, likelihood, KINDS[backend], 30))
+    torch.testing.assert_close(loss, total_loss(model, x, y, likelihood))
+
+
+def test_stochastic_kron_uses_the_kfac_operator(monkeypatch):
+    model, x, y = setup("mlp", "classification")
+    monkeypatch.setattr(curvlinops_backend, "KFACLinearOperator", _operator_forbidden)
+    with pytest.raises(AssertionError, match="KFACLinearOperator was used"):
+        CurvlinopsGGN(model, "classification", stochastic=True).kron(x, y, N=12)
+
+
+def test_string_padding_takes_the_operator_path_and_agrees(likelihood):
+    _, x, y = setup("cnn", likelihood)
+    twin = make_cnn()
+    model = make_cnn()
+    model[0].padding = "valid"  # same convolution as padding 0, not an unfold padding
+    _, native = CurvlinopsGGN(twin, likelihood).kron(x, y, N=12)
+    _, operator = CurvlinopsGGN(model, likelihood).kron(x, y, N=12)
+    torch.testing.assert_close(operator.to_matrix(), native.to_matrix(), **TOL)
+
+
+@models
+def test_kron_rows_in_chunks_and_one_at_a_time(model_name, likelihood, monkeypatch):
+    """Chunked rows and the per-row fallback (no batching rule) give the same factors."""
+    import laplace.curvature._kfac as kfac_path
+
+    model, x, y = setup(model_name, likelihood)
+    reference = naive_kfac(model, x, y, likelihood, "ggn", 30)
+    monkeypatch.setattr(kfac_path, "_MAX_GRAD_ENTRIES", 1)
+    _, kron = CurvlinopsGGN(model, likelihood).kron(x, y, N=30)
+    assert_kron_matches_reference(kron, reference)
+    grad = torch.autograd.grad
+    batched_calls = []
+
+    def no_batching_rule(*args, is_grads_batched=False, **kwargs):
+        if is_grads_batched:
+            batched_calls.append(1)
+            raise RuntimeError("no batching rule")
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(kfac_path, "_MAX_GRAD_ENTRIES", 2**24)
+    monkeypatch.setattr(torch.autograd, "grad", no_batching_rule)
+    _, kron = CurvlinopsGGN(model, likelihood).kron(x, y, N=30)
+    assert batched_calls
+    assert_kron_matches_reference(kron, reference)
+
+
 # ---------------------------------------------------------------------------- Monte Carlo
 def relative_error(estimate: torch.Tensor, exact: torch.Tensor) -> float:
     return ((estimate - exact).norm() / exact.norm()).item()

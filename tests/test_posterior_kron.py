@@ -194,22 +194,43 @@ def test_with_prior_reuses_the_cached_decomposition(monkeypatch):
     monkeypatch.setattr(matrix_module, "symeig", counting_symeig)
     n_factors = sum(len(f) for f in curvature.H.kfacs)
     first = curvature.with_prior(torch.tensor([1.0]), torch.tensor(1.0))
-    cached = curvature.decomposed()
     second = curvature.with_prior(torch.tensor([2.0, 1.0, 3.0, 1.0]), torch.tensor(0.5))
+    assert not torch.allclose(first.logdet(), second.logdet())
+    assert calls == []  # the log-determinant needs eigenvalues only
+    cached = curvature.decomposed()
+    torch.testing.assert_close(
+        second.to_dense(),
+        _dense_posterior(curvature, torch.tensor([2.0, 1.0, 3.0, 1.0]), 0.5),
+    )
+    first.to_dense()
     assert len(calls) == n_factors
     assert curvature.decomposed() is cached
     assert isinstance(first, KronPosterior)
-    assert not torch.allclose(first.logdet(), second.logdet())
 
     curvature.add_(_random_kron_like(curvature, 5))
-    curvature.with_prior(torch.tensor([1.0]), torch.tensor(1.0))
+    curvature.with_prior(torch.tensor([1.0]), torch.tensor(1.0)).to_dense()
     assert len(calls) == 2 * n_factors
     curvature.H += _random_kron_like(curvature, 6)
     posterior = curvature.with_prior(torch.tensor([1.0]), torch.tensor(1.0))
-    assert len(calls) == 3 * n_factors
     torch.testing.assert_close(
         posterior.to_dense(), _dense_posterior(curvature, torch.tensor([1.0]), 1.0)
     )
+    assert len(calls) == 3 * n_factors
+
+
+@pytest.mark.parametrize("decompose_first", [False, True], ids=["eigenvalues-only", "from-eigh"])
+def test_logdet_from_spectrum_matches_dense(decompose_first):
+    curvature = _fitted()
+    if decompose_first:
+        curvature.decomposed()
+    prior = torch.tensor([2.0, 1.0, 3.0, 0.5])
+    posterior = curvature.with_prior(prior, torch.tensor(0.7))
+    dense = _dense_posterior(curvature, prior, 0.7)
+    torch.testing.assert_close(posterior.logdet(), torch.linalg.slogdet(dense)[1])
+    curvature.add_(_random_kron_like(curvature, 7))
+    posterior = curvature.with_prior(prior, torch.tensor(0.7))
+    dense = _dense_posterior(curvature, prior, 0.7)
+    torch.testing.assert_close(posterior.logdet(), torch.linalg.slogdet(dense)[1])
 
 
 def test_state_dict_round_trip():

@@ -52,22 +52,26 @@ def test_symeig_clamps_negative_eigenvalues():
     torch.testing.assert_close(values, torch.tensor([0.0, 0.0, 1.0, 2.0]))
 
 
-def test_symeig_retries_with_jitter(monkeypatch):
+@pytest.mark.parametrize("solver", ["eigh", "eigvalsh"])
+def test_eigensolvers_retry_with_jitter(solver, monkeypatch):
+    from laplace.utils.utils import psd_eigenvalues
+
     M = _spd(4)
-    original = torch.linalg.eigh
+    original = getattr(torch.linalg, solver)
     calls = []
 
-    def flaky_eigh(A):
+    def flaky(A):
         calls.append(A.clone())
         if len(calls) == 1:
             raise torch.linalg.LinAlgError("did not converge")
         return original(A)
 
-    monkeypatch.setattr(torch.linalg, "eigh", flaky_eigh)
-    values, _ = symeig(M)
+    monkeypatch.setattr(torch.linalg, solver, flaky)
+    values = symeig(M)[0] if solver == "eigh" else psd_eigenvalues(M)
     assert len(calls) == 2
     torch.testing.assert_close(calls[1] - M, 1e-6 * torch.eye(4))
-    torch.testing.assert_close(values, original(M)[0])
+    expected = original(M)[0] if solver == "eigh" else original(M)
+    torch.testing.assert_close(values, expected)
 
 
 @pytest.mark.parametrize("shape", [(6, 6), (3, 4, 4)], ids=["single", "batched"])
@@ -321,3 +325,15 @@ def test_stable_eigh_keeps_dtype_and_reconstructs_low_rank_float32():
     reconstructed = eigenvectors @ torch.diag(eigenvalues) @ eigenvectors.T
     torch.testing.assert_close(reconstructed, M, atol=1e-4, rtol=1e-4)
     assert (eigenvalues[:-8].abs() < 1e-4).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_psd_eigenvalues_match_symeig(dtype):
+    from laplace.utils.utils import psd_eigenvalues
+
+    Q, _ = torch.linalg.qr(_spd(5))
+    M = (Q @ torch.diag(torch.tensor([-1e-3, 0.0, 0.5, 1.0, 2.0])) @ Q.T).to(dtype)
+    values = psd_eigenvalues(M)
+    assert values.dtype == dtype
+    torch.testing.assert_close(values, symeig(M)[0])
+    torch.testing.assert_close(values, torch.tensor([0.0, 0.0, 0.5, 1.0, 2.0], dtype=dtype))

@@ -18,6 +18,7 @@ from laplace.posterior.base import Curvature, Posterior
 from laplace.posterior.dense import linear_layer_outputs
 from laplace.utils.enums import HessianStructure
 from laplace.utils.matrix import Kron, KronDecomposed
+from laplace.utils.utils import psd_eigenvalues
 
 __all__ = ["KronCurvature", "KronPosterior"]
 
@@ -197,7 +198,7 @@ class KronCurvature(Curvature):
         self.damping = bool(damping)
         self._decomposed: KronDecomposed | None = None
         self._decomposed_factors: list[Tensor] = []
-        self._spectrum: tuple[KronDecomposed, Tensor, Tensor] | None = None
+        self._spectrum: tuple[list[Tensor], Tensor, Tensor] | None = None
 
     @classmethod
     def zeros(cls, params: Sequence[Tensor], damping: bool = False) -> KronCurvature:
@@ -212,30 +213,43 @@ class KronCurvature(Curvature):
         return [f for factors in self.H.kfacs for f in factors]
 
     def _invalidate(self) -> None:
-        self._decomposed, self._decomposed_factors = None, []
+        self._decomposed, self._decomposed_factors, self._spectrum = None, [], None
+
+    def _is_current(self, factors: list[Tensor]) -> bool:
+        """Whether ``factors`` (cached alongside a result) are still the factors of ``H``."""
+        current = self._factors()
+        return len(factors) == len(current) and all(a is b for a, b in zip(factors, current))
 
     def decomposed(self) -> KronDecomposed:
         """The eigendecomposition of ``H`` (zero deltas), computed once per change of ``H``."""
-        factors = self._factors()
-        stale = len(factors) != len(self._decomposed_factors) or any(
-            a is not b for a, b in zip(factors, self._decomposed_factors)
-        )
-        if self._decomposed is None or stale:
+        if self._decomposed is None or not self._is_current(self._decomposed_factors):
             self._decomposed = self.H.decompose()
-            self._decomposed_factors = factors
+            self._decomposed_factors = self._factors()
         return self._decomposed
 
     def spectrum(self) -> tuple[Tensor, Tensor]:
         """All eigenvalues of ``H`` block by block, and the block sizes; cached.
 
+        Taken from the eigendecomposition when it exists; otherwise only the factors'
+        eigenvalues are computed (:func:`~laplace.utils.utils.psd_eigenvalues`), so tuning
+        the prior by marginal likelihood never pays for eigenvectors it does not use.
+
         Shapes:
             ``(params,)``, ``(blocks,)``
         """
-        decomposed = self.decomposed()
-        if self._spectrum is None or self._spectrum[0] is not decomposed:
-            blocks = [decomposed._block_eigenvalues(i) for i in range(len(decomposed))]
-            counts = torch.as_tensor(decomposed.sizes, device=blocks[0].device)
-            self._spectrum = (decomposed, torch.cat(blocks), counts)
+        if self._spectrum is None or not self._is_current(self._spectrum[0]):
+            if self._decomposed is not None and self._is_current(self._decomposed_factors):
+                decomposed = self._decomposed
+                blocks = [decomposed._block_eigenvalues(i) for i in range(len(decomposed))]
+            else:
+                blocks = []
+                for factors in self.H.kfacs:
+                    values = [psd_eigenvalues(f) for f in factors]
+                    blocks.append(
+                        torch.outer(*values).reshape(-1) if len(values) == 2 else values[0]
+                    )
+            counts = torch.as_tensor(self.H.sizes, device=blocks[0].device)
+            self._spectrum = (self._factors(), torch.cat(blocks), counts)
         return self._spectrum[1], self._spectrum[2]
 
     def add_(self, H_batch: Kron) -> None:
@@ -257,10 +271,10 @@ class KronCurvature(Curvature):
                 f"prior_precision must have 1 (scalar) or {n_blocks} (layerwise) entries, got "
                 f"{prior_precision.numel()}: Kron supports scalar or layerwise prior precision"
             )
-        cached = self.decomposed()
         prior = prior_precision.reshape(-1)
 
         def build() -> KronDecomposed:
+            cached = self.decomposed()
             decomposed = KronDecomposed(
                 cached.eigenvectors, cached.eigenvalues, cached.deltas, damping=self.damping
             )
