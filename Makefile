@@ -7,6 +7,7 @@
 #   make format     ruff format + ruff check --fix
 #   make docs       build the documentation site with mkdocs --strict
 #   make bench      run the core benchmarks (REFERENCE_PYTHON=/path/to/python to compare)
+#   make agreement  compare numbers with a reference library (REFERENCE_PYTHON required)
 #
 # Override the interpreter with `make test PYTHON=/path/to/python`.
 
@@ -15,7 +16,7 @@ PYTEST_WORKERS ?= 2
 LINT_PATHS ?= laplace tests benchmarks examples
 REFERENCE_PYTHON ?=
 
-.PHONY: install install-docs demo test test-all lint format docs bench
+.PHONY: install install-docs demo test test-all lint format docs bench agreement
 
 install:
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -45,3 +46,6 @@ docs: install-docs
 
 bench: install
 	$(PYTHON) benchmarks/bench_core.py $(if $(REFERENCE_PYTHON),--reference-python $(REFERENCE_PYTHON))
+
+agreement: install
+	$(PYTHON) benchmarks/check_agreement.py --reference-python $(REFERENCE_PYTHON)

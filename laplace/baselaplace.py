@@ -204,7 +204,27 @@ class ParametricLaplace(BaseLaplace):
             )
         super().__init__(model, likelihood, *args, **kwargs)
         self.mean = self.subset.mean()
-        self.H: Curvature | None = None
+        self._curvature: Curvature | None = None
+
+    @property
+    def H(self) -> Tensor | Kron | tuple[Tensor, Tensor] | None:
+        """The curvature summed over the data, as ``laplace-torch`` exposes it.
+
+        A ``(params, params)`` tensor (full), a ``(params,)`` tensor (diag), a
+        :class:`~laplace.utils.matrix.Kron` (kron) or ``(eigenvectors, eigenvalues)`` (low
+        rank); None before :meth:`fit`. Assigning one of these (or None) replaces the
+        curvature; it is checked against this object's parameters.
+        """
+        return None if self._curvature is None else self._curvature.public()
+
+    @H.setter
+    def H(self, value: Tensor | Kron | Curvature | None) -> None:
+        if value is not None and not isinstance(value, Curvature):
+            curvature = self._new_curvature()
+            curvature.add_(value)  # raises TypeError / ValueError for a mismatch
+            value = curvature
+        self._curvature = value
+        self._posterior_cache = None
 
     def _new_curvature(self) -> Curvature:
         H = self._make_curvature()
@@ -228,8 +248,8 @@ class ParametricLaplace(BaseLaplace):
                 targets, or NaN/Inf curvature.
         """
         n_data = dataset_size(train_loader)
-        if override or self.H is None:
-            self.H, self.loss, self.n_data = self._new_curvature(), 0.0, None
+        if override or self._curvature is None:
+            self._curvature, self.loss, self.n_data = self._new_curvature(), 0.0, None
         self.model.eval()
         self.mean = self.subset.mean()
         if not torch.isfinite(self.mean).all():
@@ -261,7 +281,7 @@ class ParametricLaplace(BaseLaplace):
         """Hook after the last batch, for curvatures that :meth:`_add_batch` keeps raw."""
 
     def _merge_fit(self, H_new: Curvature, n_data: int) -> None:
-        self.H.add_(H_new.public())
+        self._curvature.add_(H_new.public())
 
     def _set_n_outputs(self, X: Inputs) -> None:
         with torch.no_grad():
@@ -288,7 +308,7 @@ class ParametricLaplace(BaseLaplace):
         self._check_fitted()
         cache = getattr(self, "_posterior_cache", None)
         if cache is None:
-            cache = self.H.with_prior(self.prior_precision, self._H_factor)
+            cache = self._curvature.with_prior(self.prior_precision, self._H_factor)
             self._posterior_cache = cache
         return cache
 
@@ -420,7 +440,7 @@ class ParametricLaplace(BaseLaplace):
             "structure": self._structure.value,
             "param_shapes": [list(p.shape) for p in self.params],
             "mean": self.mean.detach(),
-            "H": self.H.state_dict(),
+            "H": self._curvature.state_dict(),
             "loss": torch.as_tensor(self.loss).detach(),
             "prior_mean": self.prior_mean.detach(),
             "prior_precision": self.prior_precision.detach(),
@@ -455,7 +475,7 @@ class ParametricLaplace(BaseLaplace):
                 )
         H = self._new_curvature()
         H.load_state_dict(state_dict["H"])
-        self.H = H
+        self._curvature = H
         device, dtype = self._device, self._dtype
         self.mean = state_dict["mean"].to(device=device, dtype=dtype)
         self.loss = state_dict["loss"].to(device=device, dtype=dtype)
@@ -549,9 +569,9 @@ class KronLaplace(ParametricLaplace):
         n_old = self.n_data or 0
         if n_old:
             total = n_old + n_data
-            _scale_input_factors(self.H.public(), n_old / total)
+            _scale_input_factors(self._curvature.public(), n_old / total)
             _scale_input_factors(H_new.public(), n_data / total)
-        self.H.add_(H_new.public())
+        self._curvature.add_(H_new.public())
 
 
 def _scale_input_factors(kron: Kron, weight: float) -> None:

@@ -179,7 +179,7 @@ class LowRankLaplace(ParametricLaplace):
             )
         super().fit(train_loader, override=True, progress_bar=progress_bar)
         try:
-            self.H = self._lanczos_curvature(train_loader)
+            self._curvature = self._lanczos_curvature(train_loader)
         except Exception:
             self.n_data = None
             raise

@@ -513,7 +513,7 @@ def test_laplace_with_every_backend(backend, structure, case):
         return
     la = laplace_cls(p.model, p.likelihood, **kwargs)
     la.fit(DataLoader(TensorDataset(p.x, p.y), batch_size=FIT_BATCH))
-    H = la.H.to_dense()
+    H = la._curvature.to_dense()
     torch.testing.assert_close(
         H, expected_curvature(KINDS[name(backend)], structure, case), atol=1e-9, rtol=1e-8
     )

@@ -44,7 +44,7 @@ def test_fit_curvature_matches_dense(structure, backend, model_name, likelihood)
     la = CLASSES[structure](model, likelihood, backend=backend)
     la.fit(loader(x, y))
     expected = dense_curvature(la, model, x, y, likelihood, backend)
-    torch.testing.assert_close(la.H.to_dense(), expected, atol=1e-9, rtol=1e-7)
+    torch.testing.assert_close(la._curvature.to_dense(), expected, atol=1e-9, rtol=1e-7)
     torch.testing.assert_close(la.loss, total_loss(model, x, y, likelihood))
     assert la.n_data == len(x) and la.n_outputs == y.shape[-1] if y.ndim == 2 else True
 
@@ -59,12 +59,12 @@ def test_kron_fit_full_batch_equals_backend_kron(backend, likelihood):
     la = KronLaplace(model, likelihood, backend=backend)
     la.fit(loader(x, y, batch_size=len(x)))
     _, kron = backend(model, likelihood).kron(x, y, N=len(x))
-    torch.testing.assert_close(la.H.to_dense(), kron.to_matrix())
+    torch.testing.assert_close(la._curvature.to_dense(), kron.to_matrix())
 
 
 def posterior_dense(la):
     """Dense P = H / (sigma^2 T) + diag(p0) from the fitted curvature."""
-    return la._H_factor * la.H.to_dense() + torch.diag(la.prior_precision_diag)
+    return la._H_factor * la._curvature.to_dense() + torch.diag(la.prior_precision_diag)
 
 
 PRIORS = {
@@ -198,12 +198,66 @@ def test_psd_backends_clamp_roundoff_and_hessian_keeps_indefinite_directions():
     model, x, y = setup("mlp", "classification")
     la = FullLaplace(model, "classification", backend=CurvlinopsGGN)
     la.fit(loader(x, y))
-    assert la.H.assume_psd
-    la.H.H.sub_(1e-3 * torch.eye(la.n_params))  # push the GGN's null space below zero
-    la.H._eigen = None
-    assert la.H.eigendecomposition()[0].min() == 0
+    assert la._curvature.assume_psd
+    la._curvature.H.sub_(1e-3 * torch.eye(la.n_params))  # push the GGN's null space below zero
+    la._curvature._eigen = None
+    assert la._curvature.eigendecomposition()[0].min() == 0
     la_hess = FullLaplace(model, "classification", backend=CurvlinopsHessian, prior_precision=10.0)
     la_hess.fit(loader(x, y))
-    assert not la_hess.H.assume_psd
-    eigenvalues = la_hess.H.eigendecomposition()[0]
-    torch.testing.assert_close(eigenvalues, torch.linalg.eigvalsh(la_hess.H.to_dense()))
+    assert not la_hess._curvature.assume_psd
+    eigenvalues = la_hess._curvature.eigendecomposition()[0]
+    torch.testing.assert_close(eigenvalues, torch.linalg.eigvalsh(la_hess._curvature.to_dense()))
+
+
+# ---------------------------------------------------------------------------- public H
+def _public_H_reference(la, model, x, y, likelihood):
+    """``la.H`` as laplace-torch exposes it, from the dense GGN."""
+    ggn = dense_ggn(model, x, y, likelihood)
+    if isinstance(la, DiagLaplace):
+        return torch.diagonal(ggn)
+    return ggn
+
+
+@pytest.mark.parametrize("structure", ["full", "kron", "diag"])
+def test_public_H_has_laplace_torch_types(structure, likelihood):
+    from laplace.utils import Kron
+
+    model, x, y = setup("mlp", likelihood)
+    la = CLASSES[structure](model, likelihood)
+    assert la.H is None  # before fit
+    la.fit(loader(x, y))
+    if structure == "kron":
+        assert isinstance(la.H, Kron)
+        torch.testing.assert_close(la.H.to_matrix(), la._curvature.to_dense())
+        return
+    assert isinstance(la.H, torch.Tensor)
+    torch.testing.assert_close(la.H, _public_H_reference(la, model, x, y, likelihood))
+
+
+@pytest.mark.parametrize("structure", ["full", "kron", "diag"])
+def test_assigning_public_H_replaces_the_curvature(structure):
+    likelihood = "regression"
+    model, x, y = setup("mlp", likelihood)
+    fitted = CLASSES[structure](model, likelihood, prior_precision=0.5)
+    fitted.fit(loader(x, y))
+    other = CLASSES[structure](model, likelihood, prior_precision=0.5)
+    other.fit(loader(x[:4], y[:4]))
+    before = other.log_det_posterior_precision
+    other.H = fitted.H
+    assert not torch.allclose(before, other.log_det_posterior_precision)
+    torch.testing.assert_close(
+        other.log_det_posterior_precision, fitted.log_det_posterior_precision
+    )
+
+
+def test_assigning_a_mismatched_H_raises():
+    model, x, y = setup("mlp", "regression")
+    la = FullLaplace(model, "regression")
+    la.fit(loader(x, y))
+    with pytest.raises(ValueError, match="shape"):
+        la.H = torch.eye(la.n_params + 1)
+    with pytest.raises(TypeError, match="Tensor"):
+        la.H = [[1.0]]
+    diag = DiagLaplace(model, "regression")
+    with pytest.raises(ValueError, match="shape"):
+        diag.H = torch.ones(diag.n_params, diag.n_params)

@@ -60,7 +60,7 @@ def test_lanczos_eigenpairs_match_dense_eigh(likelihood, backend, k):
     reference = dense_ef if backend is CurvlinopsEF else dense_ggn
     values, vectors = torch.linalg.eigh(reference(model, x, y, likelihood))
     values, vectors = values.flip(0)[:k], vectors.flip(1)[:, :k]
-    U, l = la.H.public()
+    U, l = la.H
     assert U.shape == (n_params(model), k) and l.shape == (k,)
     torch.testing.assert_close(l, values, atol=1e-8, rtol=0)
     torch.testing.assert_close(align_signs(U, vectors), vectors, atol=1e-8, rtol=0)
@@ -299,7 +299,9 @@ def _marglik_and_gradients(la, prior: Tensor, likelihood: str) -> tuple[Tensor, 
 @pytest.mark.parametrize("prior", list(LAPLACE_PRIORS))
 def test_full_rank_equals_full_laplace(likelihood, prior):
     full, low, x, _ = _fit_pair(likelihood)
-    torch.testing.assert_close(low.H.to_dense(), full.H.to_dense(), atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        low._curvature.to_dense(), full._curvature.to_dense(), atol=1e-10, rtol=0
+    )
     torch.testing.assert_close(low.loss, full.loss)
     assert low.n_data == full.n_data == N_DATA and low.n_outputs == full.n_outputs
     value = LAPLACE_PRIORS[prior](low)
@@ -320,7 +322,7 @@ def test_full_rank_equals_full_laplace(likelihood, prior):
 def test_posterior_precision_v_kinv(likelihood):
     _, low, _, _ = _fit_pair(likelihood)
     (U, scaled), prior_diag = low.posterior_precision
-    torch.testing.assert_close(scaled, low.H.eigenvalues / low.sigma_noise**2)
+    torch.testing.assert_close(scaled, low._curvature.eigenvalues / low.sigma_noise**2)
     torch.testing.assert_close(prior_diag, low.prior_precision_diag)
     covariance = torch.diag(1 / prior_diag) - low.V @ low.Kinv @ low.V.T
     torch.testing.assert_close(covariance, low.posterior_covariance)
@@ -331,7 +333,7 @@ def test_truncated_rank_marglik_and_sampling(likelihood):
     model, x, y = setup(likelihood)
     la = LowRankLaplace(model, likelihood, prior_precision=0.5, n_eigenvalues=5)
     la.fit(loader(x, y))
-    P = la._H_factor * la.H.to_dense() + 0.5 * torch.eye(la.n_params)
+    P = la._H_factor * la._curvature.to_dense() + 0.5 * torch.eye(la.n_params)
     delta = la.mean - la.prior_mean
     expected = -la.loss - 0.5 * (
         torch.logdet(P) - la.n_params * math.log(0.5) + 0.5 * delta @ delta
@@ -390,7 +392,9 @@ def test_dict_batches_match_tensor_batches():
     )
     dict_la = LowRankLaplace(DictModel(model), "classification", n_eigenvalues=4)
     dict_la.fit(dict_loader)
-    torch.testing.assert_close(dict_la.H.to_dense(), tensor_la.H.to_dense(), atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        dict_la._curvature.to_dense(), tensor_la._curvature.to_dense(), atol=1e-10, rtol=0
+    )
     torch.testing.assert_close(dict_la.loss, tensor_la.loss)
 
 
@@ -399,7 +403,7 @@ def test_hessian_backend_clamps_negative_eigenvalues():
     la = LowRankLaplace(model, "classification", backend=CurvlinopsHessian, n_eigenvalues=32)
     with pytest.warns(RuntimeWarning, match="negative eigenvalues"):
         la.fit(loader(x, y))
-    assert la.H.eigenvalues.min() == 0
+    assert la._curvature.eigenvalues.min() == 0
     assert torch.isfinite(la.log_marginal_likelihood())
 
 
@@ -408,7 +412,7 @@ def test_float32_model():
     x, y = make_data("regression", n=N_DATA)
     la = LowRankLaplace(model, "regression", n_eigenvalues=3)
     la.fit(loader(x.float(), y.float()))
-    assert la.H.eigenvectors.dtype == torch.float32
+    assert la._curvature.eigenvectors.dtype == torch.float32
     _, f_var = la(x[:2].float())
     assert f_var.dtype == torch.float32 and f_var.shape == (2, 2, 2)
 
@@ -479,5 +483,7 @@ def test_stochastic_fisher_matches_the_sampled_dense_fisher():
     _, H = CurvlinopsGGN(model, "classification", **options()).full(x, y)
     values, vectors = torch.linalg.eigh(H)
     values, vectors = values.flip(0)[:3], vectors.flip(1)[:, :3]
-    torch.testing.assert_close(la.H.eigenvalues, values, atol=1e-8, rtol=0)
-    torch.testing.assert_close(align_signs(la.H.eigenvectors, vectors), vectors, atol=1e-8, rtol=0)
+    torch.testing.assert_close(la._curvature.eigenvalues, values, atol=1e-8, rtol=0)
+    torch.testing.assert_close(
+        align_signs(la._curvature.eigenvectors, vectors), vectors, atol=1e-8, rtol=0
+    )

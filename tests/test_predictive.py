@@ -217,7 +217,7 @@ def test_gridsearch_skips_priors_too_weak_for_an_indefinite_hessian(structure):
     xv, yv = make_data("classification", n=20, seed=5)
     la = CLASSES[structure](model, "classification", backend=CurvlinopsHessian)
     la.fit(loader(x, y))
-    H = la.H.to_dense() if structure == "full" else la.H.to_dense().diagonal()
+    H = la._curvature.to_dense() if structure == "full" else la._curvature.to_dense().diagonal()
     smallest = (torch.linalg.eigvalsh(H) if structure == "full" else H).min().item()
     assert smallest < -1e-3
     la.prior_precision = -smallest / 2
