@@ -38,7 +38,7 @@ from laplace.tuning import PriorTuningMixin
 from laplace.utils.data import Inputs, check_finite_inputs, dataset_size, unpack_batch
 from laplace.utils.enums import HessianStructure, Likelihood, parse_enum
 from laplace.utils.linear_jacobians import factored_diagonal_variance, linear_jacobian_factors
-from laplace.utils.matrix import Kron
+from laplace.utils.matrix import Kron, KronDecomposed
 
 __all__ = [
     "BaseLaplace",
@@ -117,10 +117,22 @@ class BaseLaplace(HyperparameterMixin, PriorTuningMixin, PredictiveMixin):
 
     @property
     def n_params(self) -> int:
-        return sum(self.subset.sizes)
+        """Number of parameters the Laplace approximation covers."""
+        return self._n_posterior
 
     @property
     def n_layers(self) -> int:
+        """Number of parameter blocks (layerwise prior entries)."""
+        return self._n_blocks
+
+    @property
+    def _n_posterior(self) -> int:
+        """Dimension of the Gaussian: the size of ``H``, the posterior and a diagonal prior."""
+        return sum(self.subset.sizes)
+
+    @property
+    def _n_blocks(self) -> int:
+        """Number of prior blocks: the entries of a layerwise prior."""
         return len(self.subset.sizes)
 
     @property
@@ -210,15 +222,30 @@ class ParametricLaplace(BaseLaplace):
     def H(self) -> Tensor | Kron | tuple[Tensor, Tensor] | None:
         """The curvature summed over the data, as ``laplace-torch`` exposes it.
 
-        A ``(params, params)`` tensor (full), a ``(params,)`` tensor (diag), a
-        :class:`~laplace.utils.matrix.Kron` (kron) or ``(eigenvectors, eigenvalues)`` (low
-        rank); None before :meth:`fit`. Assigning one of these (or None) replaces the
-        curvature; it is checked against this object's parameters.
+        A ``(params, params)`` tensor (full), a ``(params,)`` tensor (diag), the
+        :class:`~laplace.utils.matrix.KronDecomposed` eigendecomposition of the K-FAC (kron;
+        the factors themselves are :attr:`~KronLaplace.H_facs`) or ``(eigenvectors,
+        eigenvalues)`` (low rank). Before :meth:`fit`: zeros (a zero ``Kron`` for kron) where
+        the parameters are known, None for last-layer and low-rank approximations, as in
+        ``laplace-torch``. Assigning one of these (or None) replaces the curvature; it is
+        checked against this object's parameters.
         """
-        return None if self._curvature is None else self._curvature.public()
+        if self._curvature is None:
+            return self._unfitted_H()
+        return self._fitted_H()
+
+    def _fitted_H(self) -> Tensor | Kron | KronDecomposed | tuple[Tensor, Tensor]:
+        """What :attr:`H` shows after :meth:`fit`."""
+        return self._curvature.public()
+
+    def _unfitted_H(self) -> Tensor | Kron | None:
+        """What :attr:`H` shows before :meth:`fit`."""
+        return self._new_curvature().public()
 
     @H.setter
     def H(self, value: Tensor | Kron | Curvature | None) -> None:
+        if isinstance(value, KronDecomposed):
+            value = _kron_of(value)
         if value is not None and not isinstance(value, Curvature):
             curvature = self._new_curvature()
             curvature.add_(value)  # raises TypeError / ValueError for a mismatch
@@ -342,7 +369,7 @@ class ParametricLaplace(BaseLaplace):
         """``(theta - mu0)^T P0 (theta - mu0)``."""
         delta = self.mean - self.prior_mean
         prior = self.prior_precision
-        if prior.numel() == self.n_params:
+        if prior.numel() == self._n_posterior:
             return (delta * prior) @ delta
         if prior.numel() == 1:
             return prior.sum() * (delta @ delta)
@@ -383,7 +410,7 @@ class ParametricLaplace(BaseLaplace):
         log_prob = -0.5 * self.square_norm(value)
         if normalized:
             log_prob = log_prob + 0.5 * (
-                self.log_det_posterior_precision - self.n_params * math.log(2 * math.pi)
+                self.log_det_posterior_precision - self._n_posterior * math.log(2 * math.pi)
             )
         return log_prob
 
@@ -519,6 +546,15 @@ class KronLaplace(ParametricLaplace):
     _curvature_cls = KronCurvature
     _factored_predictive = True
 
+    def _fitted_H(self) -> KronDecomposed:
+        return self._curvature.decomposed()  # cached, and reused by the posterior
+
+    @property
+    def H_facs(self) -> Kron | None:
+        """The accumulated Kronecker factors (``laplace-torch``'s ``H_facs``); None before
+        :meth:`fit`."""
+        return None if self._curvature is None else self._curvature.public()
+
     def __init__(
         self,
         model: nn.Module,
@@ -558,9 +594,9 @@ class KronLaplace(ParametricLaplace):
         return self.posterior_precision.inv_square_form_factored(factors)
 
     def _check_prior_structure(self, value: Tensor) -> None:
-        if value.numel() not in (1, self.n_layers):
+        if value.numel() not in (1, self._n_blocks):
             raise ValueError(
-                f"{type(self).__name__} supports a scalar or layerwise ({self.n_layers} entries) "
+                f"{type(self).__name__} supports a scalar or layerwise ({self._n_blocks} entries) "
                 f"prior_precision, got {value.numel()} entries"
             )
 
@@ -583,3 +619,22 @@ def _scale_input_factors(kron: Kron, weight: float) -> None:
 # Re-exported here for the public import path ``laplace.baselaplace.LowRankLaplace``; it lives
 # in its own module (it subclasses ParametricLaplace, so it is imported last).
 from laplace.lowrank import LowRankLaplace  # noqa: E402
+
+
+def _kron_of(decomposed: KronDecomposed) -> Kron:
+    """The factors ``Q diag(l) Q^T`` of an eigendecomposed K-FAC without added prior.
+
+    Raises:
+        ValueError: If a prior (non-zero deltas) was added to ``decomposed``.
+    """
+    if bool(torch.as_tensor(decomposed.deltas).ne(0).any()):
+        raise ValueError(
+            "H must be a Kron or a KronDecomposed without prior (zero deltas), as la.H "
+            "returns it; got one with a prior added"
+        )
+    return Kron(
+        [
+            [(Q * values) @ Q.mT for Q, values in zip(vectors, eigenvalues)]
+            for vectors, eigenvalues in zip(decomposed.eigenvectors, decomposed.eigenvalues)
+        ]
+    )

@@ -40,7 +40,7 @@ def _check_positive(value: Tensor, name: str) -> None:
 class HyperparameterMixin:
     """Properties ``prior_precision``, ``prior_mean``, ``sigma_noise`` and ``temperature``.
 
-    The host class provides ``likelihood``, ``n_params``, ``n_layers``, ``subset.sizes``,
+    The host class provides ``likelihood``, ``_n_posterior``, ``_n_blocks``, ``subset.sizes``,
     ``_device`` and ``_dtype``.
     """
 
@@ -71,10 +71,10 @@ class HyperparameterMixin:
                 f"prior_precision must be a scalar or a 1-d tensor, got shape {tuple(value.shape)}"
             )
         value = value.reshape(-1)
-        if value.numel() not in (1, self.n_layers, self.n_params):
+        if value.numel() not in (1, self._n_blocks, self._n_posterior):
             raise ValueError(
-                f"prior_precision must have 1 (scalar), {self.n_layers} (layerwise) or "
-                f"{self.n_params} (diagonal) entries, got {value.numel()}"
+                f"prior_precision must have 1 (scalar), {self._n_blocks} (layerwise) or "
+                f"{self._n_posterior} (diagonal) entries, got {value.numel()}"
             )
         _check_positive(value, "prior_precision")
         self._check_prior_structure(value)
@@ -93,13 +93,13 @@ class HyperparameterMixin:
     def log_det_prior_precision(self) -> Tensor:
         """``log det P0``, from the scalar or per-layer values without expanding them."""
         prior = self.prior_precision
-        if prior.numel() == self.n_params:
+        if prior.numel() == self._n_posterior:
             return prior.log().sum()
         return (self._prior_counts(prior) * prior.log()).sum()
 
     def _prior_counts(self, prior: Tensor) -> Tensor:
         """Number of parameters each entry of a scalar or per-layer ``prior`` covers."""
-        sizes = [self.n_params] if prior.numel() == 1 else self.subset.sizes
+        sizes = [self._n_posterior] if prior.numel() == 1 else self.subset.sizes
         return torch.as_tensor(sizes, device=prior.device, dtype=prior.dtype)
 
     @property
@@ -112,9 +112,9 @@ class HyperparameterMixin:
         value = _as_tensor(value, "prior_mean", self._device, self._dtype)
         if value.numel() == 1:
             value = value.reshape(())
-        elif value.ndim != 1 or value.numel() != self.n_params:
+        elif value.ndim != 1 or value.numel() != self._n_posterior:
             raise ValueError(
-                f"prior_mean must be a scalar or have shape ({self.n_params},), "
+                f"prior_mean must be a scalar or have shape ({self._n_posterior},), "
                 f"got shape {tuple(value.shape)}"
             )
         if not torch.isfinite(value).all():

@@ -199,6 +199,9 @@ class LLLaplace(ParametricLaplace):
             ``feature_reduction``.
     """
 
+    def _unfitted_H(self) -> None:
+        return None  # as in laplace-torch
+
     _linear_curvature: ClassVar[Callable[..., Tensor | Kron]]
 
     def __init__(

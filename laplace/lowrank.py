@@ -62,6 +62,9 @@ class LowRankLaplace(ParametricLaplace):
             or a bad tolerance or seed; and as :class:`~laplace.baselaplace.BaseLaplace`.
     """
 
+    def _unfitted_H(self) -> None:
+        return None  # as in laplace-torch
+
     _structure = HessianStructure.LOWRANK
     _curvature_cls = LowRankCurvature
 

@@ -41,11 +41,12 @@ class SubnetLaplace(ParametricLaplace):
     """Laplace approximation over the entries ``subnetwork_indices`` of the parameter vector.
 
     Use :class:`FullSubnetLaplace` or :class:`DiagSubnetLaplace`. Parameters with
-    ``requires_grad=False`` are not part of the parameter vector. Quantities of the Gaussian
-    live in the subnetwork: ``n_params`` (equal to :attr:`n_params_subnet`; ``laplace-torch``
-    counted the whole model there), ``H``, the posterior precision, covariance and variance,
-    and the prior, which is one block: ``prior_precision`` and ``prior_mean`` are scalars or
-    have one entry per subnetwork parameter, in the order of ``subnetwork_indices``.
+    ``requires_grad=False`` are not part of the parameter vector. As in ``laplace-torch``,
+    :attr:`n_params` and :attr:`n_layers` count the whole model's trainable parameters and
+    parameter tensors, and :attr:`n_params_subnet` the subnetwork. Quantities of the Gaussian
+    live in the subnetwork: ``H``, the posterior precision, covariance and variance, and the
+    prior, which is one block: ``prior_precision`` and ``prior_mean`` are scalars or have one
+    entry per subnetwork parameter, in the order of ``subnetwork_indices``.
     Quantities of parameter vectors cover all trainable parameters: :attr:`mean`, the rows of
     :meth:`sample` and the ``value`` of :meth:`log_prob` and :meth:`square_norm`.
 
@@ -115,6 +116,16 @@ class SubnetLaplace(ParametricLaplace):
     def subnetwork_indices(self) -> Tensor:
         """The indices of the subnetwork in the trainable-parameter vector."""
         return self.subset.indices
+
+    @property
+    def n_params(self) -> int:
+        """Number of trainable parameters of the whole model, as in ``laplace-torch``."""
+        return self.subset.n_model_params
+
+    @property
+    def n_layers(self) -> int:
+        """Number of trainable parameter tensors of the whole model, as in ``laplace-torch``."""
+        return len(self.subset.all_weights.sizes)
 
     @property
     def n_params_subnet(self) -> int:

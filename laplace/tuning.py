@@ -93,7 +93,7 @@ class PriorTuningMixin:
             return init.to(device=self._device, dtype=self._dtype).reshape(-1)
         value = float(init)
         return fix_prior_prec_structure(
-            value, structure, self.n_layers, self.n_params, self._device, self._dtype
+            value, structure, self._n_blocks, self._n_posterior, self._device, self._dtype
         )
 
     def _optimize_marglik(self, init: Tensor, n_steps: int, lr: float, progress: bool) -> None:

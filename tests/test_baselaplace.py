@@ -220,15 +220,18 @@ def _public_H_reference(la, model, x, y, likelihood):
 
 @pytest.mark.parametrize("structure", ["full", "kron", "diag"])
 def test_public_H_has_laplace_torch_types(structure, likelihood):
-    from laplace.utils import Kron
+    from laplace.utils import Kron, KronDecomposed
 
     model, x, y = setup("mlp", likelihood)
     la = CLASSES[structure](model, likelihood)
-    assert la.H is None  # before fit
+    before = la.H  # zeros before fit, as in laplace-torch
+    dense_before = before.to_matrix() if structure == "kron" else before
+    assert dense_before.shape[0] == la.n_params and not dense_before.any()
     la.fit(loader(x, y))
-    if structure == "kron":
-        assert isinstance(la.H, Kron)
+    if structure == "kron":  # laplace-torch: the decomposed K-FAC, factors in H_facs
+        assert isinstance(la.H, KronDecomposed) and isinstance(la.H_facs, Kron)
         torch.testing.assert_close(la.H.to_matrix(), la._curvature.to_dense())
+        torch.testing.assert_close(la.H_facs.to_matrix(), la._curvature.to_dense())
         return
     assert isinstance(la.H, torch.Tensor)
     torch.testing.assert_close(la.H, _public_H_reference(la, model, x, y, likelihood))
@@ -261,3 +264,7 @@ def test_assigning_a_mismatched_H_raises():
     diag = DiagLaplace(model, "regression")
     with pytest.raises(ValueError, match="shape"):
         diag.H = torch.ones(diag.n_params, diag.n_params)
+    kron = KronLaplace(model, "regression")
+    kron.fit(loader(x, y))
+    with pytest.raises(ValueError, match="without prior"):
+        kron.H = kron.posterior_precision  # the prior is added: not a curvature

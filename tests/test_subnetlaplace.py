@@ -132,7 +132,10 @@ def test_curvature_is_dense_submatrix(backend, model_name, likelihood):
         la.fit(loader(x, y))
         torch.testing.assert_close(la._curvature.to_dense(), expected, atol=1e-9, rtol=1e-7)
         torch.testing.assert_close(la.loss, total_loss(model, x, y, likelihood))
-        assert la.n_params == la.n_params_subnet == len(idx)
+        assert la.n_params_subnet == len(idx)
+        # laplace-torch's n_params / n_layers count the whole model's trainable parameters
+        assert la.n_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert la.n_layers == sum(1 for p in model.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("prior", ["scalar", "per-parameter"])
@@ -278,7 +281,7 @@ def test_prior_shapes():
     for prior in (0.5, torch.tensor(0.5), torch.tensor([0.5]), torch.full((4,), 0.5)):
         la.prior_precision = prior
         torch.testing.assert_close(la.prior_precision_diag, torch.full((4,), 0.5))
-    assert la.n_layers == 1
+    assert la.n_layers == 4  # the model's parameter tensors; the prior is one block
     for wrong in (torch.ones(3), torch.ones(la.mean.numel())):
         with pytest.raises(ValueError, match="prior_precision"):
             la.prior_precision = wrong
