@@ -5,7 +5,8 @@ posterior quantities, every GLM link approximation, regression variances, joint 
 runs on both sides for every cell of the factory grid this library shares with the
 reference: all weights × {full, kron, diag}, last layer × {full, kron, diag}, subnetwork ×
 {full, diag}, for classification and regression, on a tiny float64 MLP with the default
-backend, the empirical Fisher and BackPACK's GGN (and the last-layer Hessian). The reference
+backend, the empirical Fisher and BackPACK's GGN (and the last-layer Hessian), and the seed
+document's Bradley-Terry reward model (all weights). The reference
 (for example `laplace-torch` 0.3, which also imports as `laplace`) runs in a subprocess of its
 own interpreter; each side prints its results as JSON and this script reports, per cell and
 quantity, the largest relative difference.
@@ -195,6 +196,51 @@ def _battery() -> dict[str, Any]:
                 except Exception as error:  # reported, not raised
                     out["error"] = f"{type(error).__name__}: {error}"
                 results[key] = out
+    results.update(_reward_battery(tolist))
+    return results
+
+
+def _reward_battery(tolist: Any) -> dict[str, Any]:
+    """The seed document's Bradley-Terry example: pairs folded into the batch inside the model."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from laplace import Laplace
+
+    class PairModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.ndim == 3:
+                return self.net(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], 2)
+            return self.net(x)
+
+    g = torch.Generator().manual_seed(2)
+    pairs, labels = torch.randn(30, 2, 3, generator=g), torch.randint(0, 2, (30,), generator=g)
+    x_test = torch.randn(5, 3, generator=g)
+    results = {}
+    for structure in ("full", "kron", "diag"):
+        out: dict[str, Any] = {}
+        try:
+            torch.manual_seed(0)
+            la = Laplace(
+                PairModel(),
+                "reward_modeling",
+                subset_of_weights="all",
+                hessian_structure=structure,
+            )
+            la.fit(DataLoader(TensorDataset(pairs, labels), batch_size=3))
+            out["lml"] = tolist(la.log_marginal_likelihood())
+            la.optimize_prior_precision()
+            out["tuned_prior"] = tolist(la.prior_precision)
+            f_mu, f_var = la(x_test)
+            out["f_mu"], out["f_var"] = tolist(f_mu), tolist(f_var)
+        except Exception as error:  # reported, not raised
+            out["error"] = f"{type(error).__name__}: {error}"
+        results[f"reward_modeling/default/all/{structure}"] = out
     return results
 
 

@@ -251,6 +251,47 @@ def test_kron_rows_in_chunks_and_one_at_a_time(model_name, likelihood, monkeypat
     assert_kron_matches_reference(kron, reference)
 
 
+class FoldedPairs(nn.Module):
+    """A Bradley-Terry reward model: ``(batch, 2, d)`` folded to ``(2 batch, d)`` inside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], -1)
+
+
+class PooledSequence(nn.Module):
+    """Linear layers that see a ``(batch, positions, d)`` sequence, then mean pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 5), nn.Tanh()).double()
+        self.head = nn.Linear(5, 2).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).mean(1))
+
+
+@fisher_backends
+@pytest.mark.parametrize("model_cls", [FoldedPairs, PooledSequence])
+def test_weight_sharing_kron_matches_the_kfac_operator(backend, model_cls, monkeypatch):
+    """Folded and sequence inputs: the one-pass K-FAC keeps ``curvlinops``' convention."""
+    torch.manual_seed(0)
+    model = model_cls()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 2 if model_cls is FoldedPairs else 4, 3, generator=g, dtype=torch.double)
+    y = torch.randint(0, 2, (12,), generator=g)
+    loss, native = backend(model, "classification").kron(x, y, N=30)
+    monkeypatch.setattr(curvlinops_backend, "batch_kfac", lambda *args: None)
+    operator_loss, operator = backend(model, "classification").kron(x, y, N=30)
+    torch.testing.assert_close(loss, operator_loss)
+    for ours, theirs in zip(native.kfacs, operator.kfacs):
+        for F, G in zip(ours, theirs):
+            torch.testing.assert_close(F, G, **TOL)
+
+
 # ---------------------------------------------------------------------------- Monte Carlo
 def relative_error(estimate: torch.Tensor, exact: torch.Tensor) -> float:
     return ((estimate - exact).norm() / exact.norm()).item()

@@ -10,7 +10,8 @@ softmax root has one row fewer than the number of classes. The input-side factor
 ``A = 1 / (N R) sum_{n, r} a_nr a_nr^T`` comes from the layer inputs seen by forward hooks
 (unfolded patches for ``nn.Conv2d``), with the "expand" treatment of weight sharing
 (Eschenhagen et al., 2023): a linear layer that sees a sequence per sample counts its
-positions as ``R``.
+positions as ``R``; one that sees them folded into its first dimension counts every row as a
+data point (``R = 1``), as ``curvlinops`` and therefore ``laplace-torch`` do.
 
 The convention is that of :mod:`laplace.curvature.curvlinops` (its module docstring), whose
 ``kron`` uses this path where it applies and ``curvlinops.KFACLinearOperator`` otherwise:
@@ -58,14 +59,23 @@ def _layer_owners(
     return None if any(o is None for o in owners) else owners
 
 
-def _input_rows(layer: nn.Module, a: Tensor) -> Tensor:
-    """Layer inputs as rows ``(batch * R, in)`` that multiply the flattened weight."""
+def _input_rows(layer: nn.Module, a: Tensor) -> tuple[Tensor, int]:
+    """Layer inputs as rows that multiply the flattened weight, and the weight-sharing size.
+
+    The size ``R`` is the product of the input's dimensions between the first and the last
+    (the output pixels of a convolution): a layer that sees its inputs folded into the
+    first dimension (``(batch * R, in)``) counts each row as a data point, as
+    ``curvlinops`` does.
+
+    Shapes:
+        ``-> (rows, in)``
+    """
     if isinstance(layer, nn.Conv2d):
         cols = nn.functional.unfold(
             a, layer.kernel_size, layer.dilation, layer.padding, layer.stride
         )
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    return a.reshape(-1, a.shape[-1])
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1]), cols.shape[2]
+    return a.reshape(-1, a.shape[-1]), a.shape[1:-1].numel()
 
 
 def _output_rows(layer: nn.Module, g: Tensor) -> Tensor:
@@ -158,10 +168,8 @@ def batch_kfac(
                 B[i] = gram if B[i] is None else B[i] + gram
     A = {}
     for layer in layers:
-        a_rows = _input_rows(layer, seen[id(layer)][0][0])
-        if a_rows.shape[0] % batch:
-            return None
-        A[id(layer)] = (a_rows.T @ a_rows) / (n_data * (a_rows.shape[0] // batch))
+        a_rows, sharing = _input_rows(layer, seen[id(layer)][0][0])
+        A[id(layer)] = (a_rows.T @ a_rows) / (n_data * sharing)
     B_of = {id(layer): b for layer, b in zip(layers, B)}
     kfacs = [
         [B_of[id(layer)], A[id(layer)]] if kind == "weight" else [B_of[id(layer)]]
