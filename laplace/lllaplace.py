@@ -342,9 +342,17 @@ class LLLaplace(ParametricLaplace):
         backend = self.backend
         f, phi = self.subset.features(X)
         if f.shape != (phi.shape[0], self.n_outputs):
+            folded = f.shape[0] != phi.shape[0] and f.numel() == phi.shape[0] * self.n_outputs
+            hint = (
+                ": the model folds several rows per sample into the last layer's batch (as "
+                "a Bradley-Terry reward model does); use subset_of_weights='all', or "
+                "'subnetwork' with a LastLayerSubnetMask for the last layer alone"
+                if folded
+                else ""
+            )
             raise ValueError(
                 f"model output must have shape (batch, outputs) = ({phi.shape[0]}, "
-                f"{self.n_outputs}) like the last layer's, got {tuple(f.shape)}"
+                f"{self.n_outputs}) like the last layer's, got {tuple(f.shape)}{hint}"
             )
         y = backend._check_targets(y, f)
         return backend.factor * backend.lossfunc(f, y), phi, output_curvature(backend, f)

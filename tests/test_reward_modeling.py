@@ -58,3 +58,24 @@ def test_reward_model_fits_as_classifier_and_predicts_as_regressor(pairs, struct
 def test_reward_modeling_rejects_noise():
     with pytest.raises(ValueError, match="sigma_noise must be 1"):
         Laplace(PairRewardModel(), "reward_modeling", "all", "diag", sigma_noise=0.5)
+
+
+@pytest.mark.parametrize("structure", ["full", "kron", "diag"])
+def test_last_layer_of_a_folding_model_raises_with_the_alternatives(pairs, structure):
+    x, y = pairs
+    la = Laplace(PairRewardModel(), "reward_modeling", hessian_structure=structure)
+    with pytest.raises(ValueError, match="folds several rows per sample.*subset_of_weights='all'"):
+        la.fit(DataLoader(TensorDataset(x, y), batch_size=4))
+
+
+def test_last_layer_subnetwork_of_a_folding_model_is_the_dense_restriction(pairs):
+    from laplace.utils import LastLayerSubnetMask
+
+    x, y = pairs
+    model = PairRewardModel()
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    indices = LastLayerSubnetMask(model, last_layer_name="net.2").select(loader)
+    la = Laplace(model, "reward_modeling", "subnetwork", "full", subnetwork_indices=indices)
+    la.fit(loader)
+    H = dense_ggn(model, x, y, "classification")
+    torch.testing.assert_close(la.H, H[indices][:, indices])
