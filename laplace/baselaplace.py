@@ -162,20 +162,26 @@ class BaseLaplace(HyperparameterMixin, PriorTuningMixin, PredictiveMixin):
     def backend(self) -> Any:
         """The curvature backend instance (created on first use)."""
         if self._backend is None:
-            likelihood = (
-                Likelihood.CLASSIFICATION
-                if self.likelihood == Likelihood.REWARD_MODELING
-                else self.likelihood
-            )
-            self._backend = self._backend_cls(
-                self.subset.backend_model(),
-                likelihood,
-                dict_key_x=self.dict_key_x,
-                dict_key_y=self.dict_key_y,
-                **self.subset.backend_kwargs(),
-                **self._backend_kwargs,
+            self._backend = self._make_backend(
+                self.subset.backend_model(), **self.subset.backend_kwargs()
             )
         return self._backend
+
+    def _make_backend(self, model: nn.Module, **kwargs: Any) -> Any:
+        """A backend of this object's class and options on ``model``."""
+        likelihood = (
+            Likelihood.CLASSIFICATION
+            if self.likelihood == Likelihood.REWARD_MODELING
+            else self.likelihood
+        )
+        return self._backend_cls(
+            model,
+            likelihood,
+            dict_key_x=self.dict_key_x,
+            dict_key_y=self.dict_key_y,
+            **kwargs,
+            **self._backend_kwargs,
+        )
 
     def _check_fitted(self) -> None:
         if self.n_data is None:
@@ -186,6 +192,7 @@ class BaseLaplace(HyperparameterMixin, PriorTuningMixin, PredictiveMixin):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_backend"] = None
+        state.pop("_whole_backend", None)
         state["_posterior_cache"] = None
         return state
 

@@ -293,9 +293,11 @@ class LLLaplace(ParametricLaplace):
         self.sigma_noise = sigma_noise
         self.temperature = temperature
 
+    _whole_backend: Any = None
+
     def _adopt_last_layer(self) -> None:
         """Check the deferred prior against the now known last layer and take its mean."""
-        self._backend = None
+        self._backend = self._whole_backend = None
         self.prior_precision = self._prior_precision
         self.prior_mean = self._prior_mean
         self.mean = self.subset.mean()
@@ -318,6 +320,7 @@ class LLLaplace(ParametricLaplace):
                 self.subset.extractor.find_last_layer(X)
         if self.mean is None:
             self._adopt_last_layer()
+        self._folded_fit = False
         super().fit(train_loader, override=override, progress_bar=progress_bar)
 
     def _set_n_outputs(self, X: Inputs) -> None:
@@ -333,8 +336,9 @@ class LLLaplace(ParametricLaplace):
         trainable last-layer weight (with or without its bias)."""
         return self.subset.linear_bias() is not None and computes_ggn(self.backend)
 
-    def _linear_step(self, X: Inputs, y: Tensor) -> tuple[Tensor, Tensor, OutputCurvature]:
-        """``(loss, phi, Lambda)`` of a batch from one forward pass.
+    def _linear_step(self, X: Inputs, y: Tensor) -> tuple[Tensor, Tensor, OutputCurvature] | None:
+        """``(loss, phi, Lambda)`` of a batch from one forward pass; None if the model folds
+        several rows per sample into the last layer's batch (see :meth:`_curvature_step`).
 
         Raises:
             ValueError: For an output that does not match the last layer, or bad targets.
@@ -342,37 +346,74 @@ class LLLaplace(ParametricLaplace):
         backend = self.backend
         f, phi = self.subset.features(X)
         if f.shape != (phi.shape[0], self.n_outputs):
-            folded = f.shape[0] != phi.shape[0] and f.numel() == phi.shape[0] * self.n_outputs
-            hint = (
-                ": the model folds several rows per sample into the last layer's batch (as "
-                "a Bradley-Terry reward model does); use subset_of_weights='all', or "
-                "'subnetwork' with a LastLayerSubnetMask for the last layer alone"
-                if folded
-                else ""
-            )
+            if self._folds(f, phi):
+                return None
             raise ValueError(
                 f"model output must have shape (batch, outputs) = ({phi.shape[0]}, "
-                f"{self.n_outputs}) like the last layer's, got {tuple(f.shape)}{hint}"
+                f"{self.n_outputs}) like the last layer's, got {tuple(f.shape)}"
             )
         y = backend._check_targets(y, f)
         return backend.factor * backend.lossfunc(f, y), phi, output_curvature(backend, f)
 
+    def _folds(self, f: Tensor, phi: Tensor) -> bool:
+        """Whether the last layer sees ``R > 1`` rows per sample whose outputs the model
+        reshapes into one output row (a Bradley-Terry reward model scoring a pair)."""
+        rows = phi.shape[0] if phi.ndim == 2 else -1
+        return f.ndim == 2 and rows > f.shape[0] and f.numel() == rows * self.n_outputs
+
     def _curvature_step(self, X: Inputs, y: Tensor, n_data: int) -> tuple[Tensor, Any]:
-        """Closed-form GGN from one forward pass; other backends are asked directly."""
-        if not self._closed_form():
+        """Closed-form GGN from one forward pass; other backends are asked directly.
+
+        A model that folds several rows per sample into the last layer's batch (its output
+        is the last layer's reshaped) couples those rows through the loss: its curvature is
+        that of the whole network w.r.t. the last-layer parameters, computed by the backend
+        on the whole model (as ``laplace-torch`` does).
+        """
+        if self._closed_form():
+            step = self._linear_step(X, y)
+            if step is not None:
+                loss, phi, lam = step
+                bias = self.subset.linear_bias()
+                factor = self.backend.factor
+                H = type(self)._linear_curvature(phi, lam, bias=bias, n_data=n_data, factor=factor)
+                return loss, _check_finite(H)
+        elif not self._folds(*self.subset.features(X)):
             return super()._curvature_step(X, y, n_data)
-        loss, phi, lam = self._linear_step(X, y)
-        bias = self.subset.linear_bias()
-        factor = self.backend.factor
-        H = type(self)._linear_curvature(phi, lam, bias=bias, n_data=n_data, factor=factor)
-        return loss, _check_finite(H)
+        method = getattr(self._whole_model_backend(), self._structure.value)
+        return method(X, y, N=n_data, **self._asdl_fisher_kwargs)
+
+    def _whole_model_backend(self) -> Any:
+        """A backend on the whole model that differentiates the last-layer parameters only.
+
+        The other parameters are marked ``requires_grad=False`` while the backend is built
+        (it takes the trainable parameters it finds) and restored at once.
+        """
+        if self._whole_backend is None:
+            mine = {id(p) for p in self.params}
+            others = [p for p in self.model.parameters() if p.requires_grad and id(p) not in mine]
+            for p in others:
+                p.requires_grad_(False)
+            try:
+                self._whole_backend = self._make_backend(self.model)
+            finally:
+                for p in others:
+                    p.requires_grad_(True)
+        return self._whole_backend
 
     # ------------------------------------------------------------------ predictive
     def _features_for_predictive(self, X: Inputs) -> tuple[Tensor, Tensor]:
         self._check_fitted()
         if not self.enable_backprop:
             check_finite_inputs(X)
-        return self.subset.features(X, self.enable_backprop)
+        f, phi = self.subset.features(X, self.enable_backprop)
+        if self._folds(f, phi):
+            raise ValueError(
+                f"the model folds {phi.shape[0] // f.shape[0]} rows per sample into the last "
+                "layer's batch on these inputs; the last-layer predictive takes inputs it "
+                f"maps one to one (got outputs {tuple(f.shape)} from features "
+                f"{tuple(phi.shape)}), e.g. single items of a reward model"
+            )
+        return f, phi
 
     def _glm_predictive_distribution(
         self, X: Inputs, joint: bool = False
@@ -470,6 +511,7 @@ class KronLLLaplace(LLLaplace, KronLaplace):
     """
 
     _linear_curvature = staticmethod(linear_kron_ggn)
+    _folded_fit: bool = False
 
     def _add_batch(self, H_new: Curvature, X: Inputs, y: Tensor, n_data: int) -> Tensor:
         """Accumulate ``sum_n Lambda_n`` and ``sum_n phi_n phi_n^T`` in place.
@@ -480,7 +522,14 @@ class KronLLLaplace(LLLaplace, KronLaplace):
         """
         if not self._closed_form():
             return super()._add_batch(H_new, X, y, n_data)
-        loss, phi, lam = self._linear_step(X, y)
+        step = self._linear_step(X, y)
+        if step is None:  # folded rows: whole-model K-FAC, already scaled
+            self._folded_fit = True
+            backend = self._whole_model_backend()
+            loss, H_batch = backend.kron(X, y, N=n_data, **self._asdl_fisher_kwargs)
+            H_new.add_(H_batch)
+            return loss
+        loss, phi, lam = step
         B, A = H_new.public().kfacs[0]
         if lam.root is not None:
             flat = lam.root.flatten(0, 1)
@@ -491,7 +540,7 @@ class KronLLLaplace(LLLaplace, KronLaplace):
         return loss
 
     def _finish_batches(self, H_new: Curvature, n_data: int) -> None:
-        if not self._closed_form():
+        if not self._closed_form() or self._folded_fit:
             return
         blocks = H_new.public().kfacs
         B = blocks[0][0]

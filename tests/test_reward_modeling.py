@@ -61,11 +61,33 @@ def test_reward_modeling_rejects_noise():
 
 
 @pytest.mark.parametrize("structure", ["full", "kron", "diag"])
-def test_last_layer_of_a_folding_model_raises_with_the_alternatives(pairs, structure):
+def test_last_layer_of_a_folding_model_is_the_whole_network_restricted(pairs, structure):
+    """The pair's two rows meet in the loss: the last-layer GGN is the whole network's."""
+    from laplace.curvature import CurvlinopsGGN
+
     x, y = pairs
-    la = Laplace(PairRewardModel(), "reward_modeling", hessian_structure=structure)
-    with pytest.raises(ValueError, match="folds several rows per sample.*subset_of_weights='all'"):
-        la.fit(DataLoader(TensorDataset(x, y), batch_size=4))
+    model = PairRewardModel()
+    la = Laplace(model, "reward_modeling", hessian_structure=structure)  # last layer
+    la.fit(DataLoader(TensorDataset(x, y), batch_size=4))
+    assert all(p.requires_grad for p in model.parameters())  # the body is left trainable
+    frozen = PairRewardModel()
+    frozen.net[0].requires_grad_(False)
+    if structure == "kron":  # K-FAC of the whole network w.r.t. the last layer
+        expected = CurvlinopsGGN(frozen, "classification").kron(x, y, N=len(x))[1]
+        torch.testing.assert_close(la._curvature.to_dense(), expected.to_matrix())
+    else:
+        H = dense_ggn(frozen, x, y, "classification")
+        torch.testing.assert_close(
+            la._curvature.to_dense(), H if structure == "full" else torch.diag(H.diagonal())
+        )
+    x_test = torch.randn(5, 3)
+    f_mu, f_var = la(x_test)
+    torch.testing.assert_close(f_mu, frozen(x_test))
+    Js = dense_jacobians(frozen, x_test)
+    P = la._H_factor * la._curvature.to_dense() + torch.diag(la.prior_precision_diag)
+    torch.testing.assert_close(f_var, Js @ torch.linalg.solve(P, Js.transpose(1, 2)))
+    with pytest.raises(ValueError, match="folds 2 rows per sample"):
+        la(x[:3], fitting=True)
 
 
 def test_last_layer_subnetwork_of_a_folding_model_is_the_dense_restriction(pairs):
