@@ -445,12 +445,18 @@ class ParametricLaplace(BaseLaplace):
         if not self.enable_backprop:
             check_finite_inputs(X)
         if self._factored_predictive and not joint and isinstance(self.subset, AllWeights):
-            factored = linear_jacobian_factors(
-                self.model, self.subset.named_params, X, create_graph=self.enable_backprop
+            factored = self._memo(
+                "factors",
+                X,
+                lambda: linear_jacobian_factors(
+                    self.model, self.subset.named_params, X, create_graph=self.enable_backprop
+                ),
             )
             if factored is not None:
                 return factored[1], self._factored_variance(factored[0])
-        Js, f_mu = self.subset.jacobians(self.backend, X, self.enable_backprop)
+        Js, f_mu = self._memo(
+            "jacobians", X, lambda: self.subset.jacobians(self.backend, X, self.enable_backprop)
+        )
         if joint:
             return f_mu.reshape(-1), self.functional_covariance(Js)
         return f_mu, self.functional_variance(Js)

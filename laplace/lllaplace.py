@@ -405,7 +405,7 @@ class LLLaplace(ParametricLaplace):
         self._check_fitted()
         if not self.enable_backprop:
             check_finite_inputs(X)
-        f, phi = self.subset.features(X, self.enable_backprop)
+        f, phi = self._memo("features", X, lambda: self.subset.features(X, self.enable_backprop))
         if self._folds(f, phi):
             raise ValueError(
                 f"the model folds {phi.shape[0] // f.shape[0]} rows per sample into the last "

@@ -25,6 +25,14 @@ __all__ = ["PriorTuningMixin"]
 class PriorTuningMixin:
     """``optimize_prior_precision`` for any Laplace class with a marginal likelihood."""
 
+    _predictive_memo: PredictiveMemo | None = None
+
+    def _memo(self, kind: str, X: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()``, memoized per input during a gridsearch (not with backprop)."""
+        if self._predictive_memo is None or self.enable_backprop:
+            return compute()
+        return self._predictive_memo.get(kind, X, compute)
+
     def optimize_prior_precision(
         self,
         pred_type: PredType | str = PredType.GLM,
@@ -130,21 +138,73 @@ class PriorTuningMixin:
         n_samples: int,
         progress: bool,
     ) -> Tensor:
+        # One pass over the loader, inputs moved to the model's device once: the same input
+        # tensors come back at every grid point, so the prior-independent part of the GLM
+        # predictive (outputs, Jacobians or their factors, last-layer features) is computed
+        # once per batch (see `PredictiveMemo`).
+        batches = [_to_device(batch, self._device) for batch in val_loader]
+        self._predictive_memo = PredictiveMemo() if pred_type == PredType.GLM else None
         best_value, best_loss = grid[0], float("inf")
-        for prior_prec in tqdm(grid, desc="gridsearch", disable=not progress):
-            self.prior_precision = prior_prec
-            try:
-                result = validate(
-                    self,
-                    val_loader,
-                    loss,
-                    pred_type=pred_type,
-                    link_approx=link_approx,
-                    n_samples=n_samples,
-                    dict_key_y=self.dict_key_y,
-                )
-            except (RuntimeError, NotPositiveDefiniteError):
-                result = float("inf")  # a prior too weak for the curvature: skip it
-            if result < best_loss:
-                best_value, best_loss = prior_prec, result
+        try:
+            for prior_prec in tqdm(grid, desc="gridsearch", disable=not progress):
+                self.prior_precision = prior_prec
+                try:
+                    result = validate(
+                        self,
+                        batches,
+                        loss,
+                        pred_type=pred_type,
+                        link_approx=link_approx,
+                        n_samples=n_samples,
+                        dict_key_y=self.dict_key_y,
+                    )
+                except (RuntimeError, NotPositiveDefiniteError):
+                    result = float("inf")  # a prior too weak for the curvature: skip it
+                if result < best_loss:
+                    best_value, best_loss = prior_prec, result
+        finally:
+            self._predictive_memo = None
         return best_value
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """An ``(X, y)`` batch with a tensor ``X`` moved to ``device``; other batches as they are."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Tensor):
+        return (batch[0].to(device), batch[1])
+    return batch
+
+
+class PredictiveMemo:
+    """Prior-independent parts of the GLM predictive, per input tensor, during a gridsearch.
+
+    Entries are keyed by the input's identity (the input is kept alive with its entry, so an
+    identity is never reused) and stop being added once they hold ``max_entries`` numbers.
+    """
+
+    max_entries: int = 2**26
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, int], tuple[Tensor, Any]] = {}
+        self._size = 0
+
+    def get(self, kind: str, X: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()`` for ``X``, from the memo when it was computed before."""
+        if not isinstance(X, Tensor):
+            return compute()
+        key = (kind, id(X))
+        if key in self._entries:
+            return self._entries[key][1]
+        value = compute()
+        size = _numel(value)
+        if self._size + size <= self.max_entries:
+            self._entries[key] = (X, value)
+            self._size += size
+        return value
+
+
+def _numel(value: Any) -> int:
+    if isinstance(value, Tensor):
+        return value.numel()
+    if isinstance(value, (tuple, list)):
+        return sum(_numel(v) for v in value)
+    return 0

@@ -238,3 +238,74 @@ def test_gridsearch_skips_priors_too_weak_for_an_indefinite_hessian(structure):
         la.prior_precision = prec.item()
         nll[prec.item()] = -torch.log(la(xv)[torch.arange(len(yv)), yv]).mean().item()
     assert chosen == pytest.approx(min(nll, key=nll.get))
+
+
+def _counting(monkeypatch, obj, name):
+    calls = []
+    original = getattr(obj, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("cls", "link", "what"),
+    [
+        ("FullLaplace", "bridge", "jacobians"),  # Jacobians of the whole network
+        ("KronLaplace", "probit", "factors"),  # Jacobian factors of a Linear network
+        ("KronLLLaplace", "probit", "features"),  # last-layer features
+    ],
+)
+def test_gridsearch_computes_the_prior_independent_part_once_per_batch(
+    cls, link, what, monkeypatch
+):
+    """Same choice and validation losses as without the memo, with one pass per batch."""
+    import laplace
+    import laplace.baselaplace as baselaplace_module
+    import laplace.tuning as tuning_module
+
+    model = make_mlp()
+    x, y = make_data("classification", n=30)
+    xv, yv = make_data("classification", n=20, seed=5)
+    options = {"method": "gridsearch", "val_loader": loader(xv, yv), "grid_size": 7}
+    options.update(link_approx=link, log_prior_prec_min=-2, log_prior_prec_max=2)
+
+    def tuned(memo_entries):
+        monkeypatch.setattr(tuning_module.PredictiveMemo, "max_entries", memo_entries)
+        la = getattr(laplace, cls)(model, "classification")
+        la.fit(loader(x, y))
+        if what == "jacobians":
+            calls = _counting(monkeypatch, la.subset, "jacobians")
+        elif what == "factors":
+            calls = _counting(monkeypatch, baselaplace_module, "linear_jacobian_factors")
+        else:
+            calls = _counting(monkeypatch, la.subset, "features")
+        la.optimize_prior_precision(**options)
+        assert la._predictive_memo is None
+        return la.prior_precision, len(calls)
+
+    without, calls_without = tuned(0)
+    with_memo, calls_with = tuned(2**26)
+    torch.testing.assert_close(with_memo, without)
+    n_batches = 4
+    assert calls_without == 7 * n_batches and calls_with == n_batches
+
+
+def test_gridsearch_memo_is_dropped_when_the_search_fails():
+    model = make_mlp()
+    x, y = make_data("classification", n=30)
+    la = FullLaplace(model, "classification")
+    la.fit(loader(x, y))
+
+    def broken_loss(*args):
+        raise ValueError("broken loss")
+
+    with pytest.raises(ValueError, match="broken loss"):
+        la.optimize_prior_precision(
+            method="gridsearch", val_loader=loader(x, y), loss=broken_loss, grid_size=3
+        )
+    assert la._predictive_memo is None
