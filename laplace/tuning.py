@@ -142,8 +142,10 @@ class PriorTuningMixin:
         # tensors come back at every grid point, so the prior-independent part of the GLM
         # predictive (outputs, Jacobians or their factors, last-layer features) is computed
         # once per batch (see `PredictiveMemo`).
+        self._check_fitted()
         batches = [_to_device(batch, self._device) for batch in val_loader]
-        self._predictive_memo = PredictiveMemo() if pred_type == PredType.GLM else None
+        memo = PredictiveMemo() if pred_type == PredType.GLM else None
+        self._predictive_memo = self._curvature.memo = memo
         best_value, best_loss = grid[0], float("inf")
         try:
             for prior_prec in tqdm(grid, desc="gridsearch", disable=not progress):
@@ -163,7 +165,7 @@ class PriorTuningMixin:
                 if result < best_loss:
                     best_value, best_loss = prior_prec, result
         finally:
-            self._predictive_memo = None
+            self._predictive_memo = self._curvature.memo = None
         return best_value
 
 

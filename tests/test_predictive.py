@@ -309,3 +309,41 @@ def test_gridsearch_memo_is_dropped_when_the_search_fails():
             method="gridsearch", val_loader=loader(x, y), loss=broken_loss, grid_size=3
         )
     assert la._predictive_memo is None
+
+
+def test_gridsearch_rotates_full_jacobians_once_per_batch(monkeypatch):
+    """The full posterior's ``J V`` (prior-independent for a scalar prior) is kept too."""
+    import laplace.tuning as tuning_module
+
+    computed = []
+    original = tuning_module.PredictiveMemo.get
+
+    def counting_get(self, kind, X, compute):
+        def counted():
+            computed.append(kind)
+            return compute()
+
+        return original(self, kind, X, counted)
+
+    monkeypatch.setattr(tuning_module.PredictiveMemo, "get", counting_get)
+    x, y = make_data("classification", n=30)
+    xv, yv = make_data("classification", n=20, seed=5)
+    la = FullLaplace(make_mlp(), "classification")
+    la.fit(loader(x, y))
+    la.optimize_prior_precision(
+        method="gridsearch", val_loader=loader(xv, yv), grid_size=7, link_approx="bridge"
+    )
+    assert computed.count("jacobians") == computed.count("rotated") == 4
+    assert la._curvature.memo is None and la._predictive_memo is None
+    chosen = la.prior_precision
+    la.optimize_prior_precision(  # the memo changes nothing but the cost
+        method="gridsearch", val_loader=loader(xv, yv), grid_size=7, link_approx="bridge"
+    )
+    torch.testing.assert_close(la.prior_precision, chosen)
+
+
+def test_gridsearch_before_fit_raises():
+    la = FullLaplace(make_mlp(), "classification")
+    x, y = make_data("classification", n=10)
+    with pytest.raises(ValueError, match="not fitted"):
+        la.optimize_prior_precision(method="gridsearch", val_loader=loader(x, y))

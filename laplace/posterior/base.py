@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -141,10 +141,14 @@ class Curvature(ABC):
         sizes: Number of parameters per layer (parameter tensor), in order.
         assume_psd: Whether ``H`` is positive semi-definite by construction (GGN, Fisher), so
             that negative eigenvalues can only be round-off.
+        memo: While ``H`` is fixed and only the prior changes (a gridsearch), an object with
+            ``get(kind, tensor, compute)`` that posteriors may use to keep prior-independent
+            products with their inputs; None otherwise.
     """
 
     structure: ClassVar[HessianStructure]
     assume_psd: bool = True
+    memo: Any = None
 
     def __init__(self, sizes: Sequence[int]) -> None:
         self.sizes = list(sizes)

@@ -10,7 +10,7 @@ priors break the shared eigenbasis and use a Cholesky factorisation of ``P`` ins
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -300,9 +300,16 @@ class DenseEigenPosterior(DensePosterior):
     """
 
     def __init__(
-        self, H: Tensor, factor: Tensor, prior: Tensor, eigenvalues: Tensor, eigenvectors: Tensor
+        self,
+        H: Tensor,
+        factor: Tensor,
+        prior: Tensor,
+        eigenvalues: Tensor,
+        eigenvectors: Tensor,
+        rotate: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__(H, factor, prior.expand(H.shape[0]))
+        self._rotate = rotate
         self._eigenvectors = eigenvectors
         self._eigenvalues = factor * eigenvalues + prior
         smallest = self._eigenvalues.detach().min()
@@ -321,7 +328,8 @@ class DenseEigenPosterior(DensePosterior):
         return ((v @ self._eigenvectors).square() * self._eigenvalues).sum(-1)
 
     def _whiten(self, Js: Tensor) -> Tensor:
-        return (Js @ self._eigenvectors) * self._eigenvalues.rsqrt()
+        rotated = Js @ self._eigenvectors if self._rotate is None else self._rotate(Js)
+        return rotated * self._eigenvalues.rsqrt()
 
     def _color(self, noise: Tensor) -> Tensor:
         return (noise * self._eigenvalues.rsqrt()) @ self._eigenvectors.mT
@@ -426,9 +434,17 @@ class DenseCurvature(Curvature):
         if prior.numel() == 1:
             eigenvalues, eigenvectors = self.eigendecomposition()
             return DenseEigenPosterior(
-                self.H, factor, prior.reshape(()), eigenvalues, eigenvectors
+                self.H, factor, prior.reshape(()), eigenvalues, eigenvectors, self._rotate
             )
         return DenseCholeskyPosterior(self.H, factor, expand_prior(prior, self.sizes))
+
+    def _rotate(self, Js: Tensor) -> Tensor:
+        """``Js V`` in the eigenbasis of ``H``; kept in :attr:`memo` while it is set (the
+        product does not depend on the prior, only its scaling does)."""
+        vectors = self.eigendecomposition()[1]
+        if self.memo is None or Js.requires_grad:
+            return Js @ vectors
+        return self.memo.get("rotated", Js, lambda: Js @ vectors)
 
     def public(self) -> Tensor:
         return self.H
