@@ -14,8 +14,8 @@ weight-space Gaussian posterior, written once for every structure and subset:
 - the GLM predictive is ``N(f(x), J P^-1 J^T)`` followed by a link approximation
   (Immer, Korzepa & Bauer, AISTATS 2021).
 
-The public classes of the grid (``FullLaplace``, ``KronLaplace``, ``DiagLaplace``) only declare
-their structure.
+The public classes of the grid (``FullLaplace``, ``KronLaplace``, ``DiagLaplace``, in
+:mod:`laplace.structures`, re-exported here) only declare their structure.
 """
 
 from __future__ import annotations
@@ -29,15 +29,12 @@ from tqdm.auto import tqdm
 
 from laplace.hyperparameters import HyperparameterMixin
 from laplace.posterior.base import Curvature, Posterior
-from laplace.posterior.dense import DenseCurvature
-from laplace.posterior.diag import DiagCurvature
-from laplace.posterior.kron import KronCurvature
 from laplace.predictive import PredictiveMixin
 from laplace.subsets import AllWeights
 from laplace.tuning import PriorTuningMixin
 from laplace.utils.data import Inputs, check_finite_inputs, dataset_size, unpack_batch
 from laplace.utils.enums import HessianStructure, Likelihood, parse_enum
-from laplace.utils.linear_jacobians import factored_diagonal_variance, linear_jacobian_factors
+from laplace.utils.linear_jacobians import linear_jacobian_factors
 from laplace.utils.matrix import Kron, KronDecomposed
 
 __all__ = [
@@ -252,7 +249,7 @@ class ParametricLaplace(BaseLaplace):
     @H.setter
     def H(self, value: Tensor | Kron | Curvature | None) -> None:
         if isinstance(value, KronDecomposed):
-            value = _kron_of(value)
+            value = value.to_kron()
         if value is not None and not isinstance(value, Curvature):
             curvature = self._new_curvature()
             curvature.add_(value)  # raises TypeError / ValueError for a mismatch
@@ -528,126 +525,8 @@ class ParametricLaplace(BaseLaplace):
         self._posterior_cache = None
 
 
-class FullLaplace(ParametricLaplace):
-    """Laplace approximation with a dense posterior precision ``P`` (params x params)."""
-
-    _structure = HessianStructure.FULL
-    _curvature_cls = DenseCurvature
-
-
-class DiagLaplace(ParametricLaplace):
-    """Laplace approximation with a diagonal posterior precision."""
-
-    _structure = HessianStructure.DIAG
-    _curvature_cls = DiagCurvature
-    _factored_predictive = True
-
-    def _factored_variance(self, factors: list[tuple[Tensor, ...]]) -> Tensor:
-        return factored_diagonal_variance(factors, self.posterior_variance)
-
-
-class KronLaplace(ParametricLaplace):
-    """Laplace approximation with a Kronecker-factored (K-FAC) posterior precision.
-
-    Each layer's block is ``B kron A`` (Martens & Grosse, 2015; Ritter et al., 2018); the
-    prior is added in the factors' eigenbasis. With ``damping=True`` the prior is split
-    evenly across the two factors (``(B + sqrt(d) I) kron (A + sqrt(d) I)``). Supports scalar
-    and layerwise prior precisions.
-    """
-
-    _structure = HessianStructure.KRON
-    _curvature_cls = KronCurvature
-    _factored_predictive = True
-
-    def _fitted_H(self) -> KronDecomposed:
-        return self._curvature.decomposed()  # cached, and reused by the posterior
-
-    @property
-    def H_facs(self) -> Kron | None:
-        """The accumulated Kronecker factors (``laplace-torch``'s ``H_facs``); None before
-        :meth:`fit`."""
-        return None if self._curvature is None else self._curvature.public()
-
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: Likelihood | str,
-        sigma_noise: float | Tensor = 1.0,
-        prior_precision: float | Tensor = 1.0,
-        prior_mean: float | Tensor = 0.0,
-        temperature: float = 1.0,
-        enable_backprop: bool = False,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        backend: type | None = None,
-        damping: bool = False,
-        backend_kwargs: dict[str, Any] | None = None,
-        asdl_fisher_kwargs: dict[str, Any] | None = None,
-    ) -> None:
-        self.damping = bool(damping)
-        super().__init__(
-            model,
-            likelihood,
-            sigma_noise=sigma_noise,
-            prior_precision=prior_precision,
-            prior_mean=prior_mean,
-            temperature=temperature,
-            enable_backprop=enable_backprop,
-            dict_key_x=dict_key_x,
-            dict_key_y=dict_key_y,
-            backend=backend,
-            backend_kwargs=backend_kwargs,
-            asdl_fisher_kwargs=asdl_fisher_kwargs,
-        )
-
-    def _make_curvature(self) -> Curvature:
-        return KronCurvature.zeros(self.params, damping=self.damping)
-
-    def _factored_variance(self, factors: list[tuple[Tensor, ...]]) -> Tensor:
-        return self.posterior_precision.inv_square_form_factored(factors)
-
-    def _check_prior_structure(self, value: Tensor) -> None:
-        if value.numel() not in (1, self._n_blocks):
-            raise ValueError(
-                f"{type(self).__name__} supports a scalar or layerwise ({self._n_blocks} entries) "
-                f"prior_precision, got {value.numel()} entries"
-            )
-
-    def _merge_fit(self, H_new: Curvature, n_data: int) -> None:
-        """Combine with an earlier fit, weighting the data-averaged input factors by size."""
-        n_old = self.n_data or 0
-        if n_old:
-            total = n_old + n_data
-            _scale_input_factors(self._curvature.public(), n_old / total)
-            _scale_input_factors(H_new.public(), n_data / total)
-        self._curvature.add_(H_new.public())
-
-
-def _scale_input_factors(kron: Kron, weight: float) -> None:
-    for factors in kron.kfacs:
-        if len(factors) == 2:
-            factors[1].mul_(weight)
-
-
-# Re-exported here for the public import path ``laplace.baselaplace.LowRankLaplace``; it lives
-# in its own module (it subclasses ParametricLaplace, so it is imported last).
+# The per-structure classes and LowRankLaplace live in their own modules (they subclass
+# ParametricLaplace, so they are imported last) and are re-exported for the public import paths
+# ``laplace.baselaplace.FullLaplace`` and so on.
 from laplace.lowrank import LowRankLaplace  # noqa: E402
-
-
-def _kron_of(decomposed: KronDecomposed) -> Kron:
-    """The factors ``Q diag(l) Q^T`` of an eigendecomposed K-FAC without added prior.
-
-    Raises:
-        ValueError: If a prior (non-zero deltas) was added to ``decomposed``.
-    """
-    if bool(torch.as_tensor(decomposed.deltas).ne(0).any()):
-        raise ValueError(
-            "H must be a Kron or a KronDecomposed without prior (zero deltas), as la.H "
-            "returns it; got one with a prior added"
-        )
-    return Kron(
-        [
-            [(Q * values) @ Q.mT for Q, values in zip(vectors, eigenvalues)]
-            for vectors, eigenvalues in zip(decomposed.eigenvectors, decomposed.eigenvalues)
-        ]
-    )
+from laplace.structures import DiagLaplace, FullLaplace, KronLaplace  # noqa: E402

@@ -393,6 +393,24 @@ class KronDecomposed:
             self.damping,
         )
 
+    def to_kron(self) -> Kron:
+        """The factors ``Q diag(l) Q^T`` again, for a decomposition without added deltas.
+
+        Raises:
+            ValueError: If deltas (a prior) were added.
+        """
+        if bool(self.deltas.ne(0).any()):
+            raise ValueError(
+                "to_kron needs a KronDecomposed without prior (zero deltas), as "
+                "Kron.decompose() returns it; got one with a prior added"
+            )
+        return Kron(
+            [
+                [(Q * values) @ Q.mT for Q, values in zip(vectors, eigenvalues)]
+                for vectors, eigenvalues in zip(self.eigenvectors, self.eigenvalues)
+            ]
+        )
+
     def _block_eigenvalues(self, index: int) -> Tensor:
         """Eigenvalues of block ``index`` in the order of ``Q_0 ⊗ Q_1``'s columns."""
         values, delta = self.eigenvalues[index], self.deltas[index]
