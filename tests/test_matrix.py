@@ -241,6 +241,11 @@ def test_decompose_reproduces_the_matrix(structure):
     assert [len(v) for v in KD.eigenvalues] == [len(b) for b in structure]
     torch.testing.assert_close(KD.to_matrix(), _dense(K))
     torch.testing.assert_close(KD.deltas, torch.zeros(len(K)))
+    for got, want in zip(KD.to_kron().kfacs, K.kfacs):  # factors back from the decomposition
+        for F, G in zip(got, want):
+            torch.testing.assert_close(F, G)
+    with pytest.raises(ValueError, match="without prior"):
+        (KD + 1.0).to_kron()
 
 
 @pytest.mark.parametrize("damping", [False, True], ids=["plain", "damped"])
