@@ -199,10 +199,10 @@ class LLLaplace(ParametricLaplace):
             ``feature_reduction``.
     """
 
+    _linear_curvature: ClassVar[Callable[..., Tensor | Kron]]
+
     def _unfitted_H(self) -> None:
         return None  # as in laplace-torch
-
-    _linear_curvature: ClassVar[Callable[..., Tensor | Kron]]
 
     def __init__(
         self,
@@ -294,6 +294,8 @@ class LLLaplace(ParametricLaplace):
         self.temperature = temperature
 
     _whole_backend: Any = None
+    _folded_fit: bool | None = None
+    """Whether the model folds rows into the last layer's batch; None until a fit sees it."""
 
     def _adopt_last_layer(self) -> None:
         """Check the deferred prior against the now known last layer and take its mean."""
@@ -320,7 +322,7 @@ class LLLaplace(ParametricLaplace):
                 self.subset.extractor.find_last_layer(X)
         if self.mean is None:
             self._adopt_last_layer()
-        self._folded_fit = False
+        self._folded_fit = None  # known after the first batch
         super().fit(train_loader, override=override, progress_bar=progress_bar)
 
     def _set_n_outputs(self, X: Inputs) -> None:
@@ -377,10 +379,17 @@ class LLLaplace(ParametricLaplace):
                 factor = self.backend.factor
                 H = type(self)._linear_curvature(phi, lam, bias=bias, n_data=n_data, factor=factor)
                 return loss, _check_finite(H)
-        elif not self._folds(*self.subset.features(X)):
+        elif not self._fit_folds(X):
             return super()._curvature_step(X, y, n_data)
         method = getattr(self._whole_model_backend(), self._structure.value)
         return method(X, y, N=n_data, **self._asdl_fisher_kwargs)
+
+    def _fit_folds(self, X: Inputs) -> bool:
+        """:meth:`_folds` on the first batch of a fit (one extra forward pass per fit, for
+        backends without the closed form), remembered for the other batches."""
+        if self._folded_fit is None:
+            self._folded_fit = self._folds(*self.subset.features(X))
+        return self._folded_fit
 
     def _whole_model_backend(self) -> Any:
         """A backend on the whole model that differentiates the last-layer parameters only.
@@ -511,7 +520,6 @@ class KronLLLaplace(LLLaplace, KronLaplace):
     """
 
     _linear_curvature = staticmethod(linear_kron_ggn)
-    _folded_fit: bool = False
 
     def _add_batch(self, H_new: Curvature, X: Inputs, y: Tensor, n_data: int) -> Tensor:
         """Accumulate ``sum_n Lambda_n`` and ``sum_n phi_n phi_n^T`` in place.
@@ -540,7 +548,7 @@ class KronLLLaplace(LLLaplace, KronLaplace):
         return loss
 
     def _finish_batches(self, H_new: Curvature, n_data: int) -> None:
-        if not self._closed_form() or self._folded_fit:
+        if not self._closed_form() or self._folded_fit:  # nothing kept raw
             return
         blocks = H_new.public().kfacs
         B = blocks[0][0]

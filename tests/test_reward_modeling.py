@@ -101,3 +101,28 @@ def test_last_layer_subnetwork_of_a_folding_model_is_the_dense_restriction(pairs
     la.fit(loader)
     H = dense_ggn(model, x, y, "classification")
     torch.testing.assert_close(la.H, H[indices][:, indices])
+
+
+def test_folding_last_layer_with_another_backend_checks_folding_once_per_fit(pairs, monkeypatch):
+    """Backends without the closed form: the empirical Fisher of the whole network w.r.t.
+    the last layer, with one extra forward pass per fit to see the folding."""
+    from groundtruth import dense_ef
+
+    from laplace.curvature import CurvlinopsEF
+
+    x, y = pairs
+    model = PairRewardModel()
+    la = Laplace(model, "reward_modeling", hessian_structure="full", backend=CurvlinopsEF)
+    calls = []
+    features = la.subset.features
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return features(*args, **kwargs)
+
+    monkeypatch.setattr(la.subset, "features", counted)
+    la.fit(DataLoader(TensorDataset(x, y), batch_size=4))  # 3 batches
+    assert len(calls) == 1
+    frozen = PairRewardModel()
+    frozen.net[0].requires_grad_(False)
+    torch.testing.assert_close(la.H, dense_ef(frozen, x, y, "classification"))
