@@ -32,40 +32,49 @@ _EIGH_JITTER = 1e-6
 _LOG_CLAMP = 1e-30
 
 
-def stable_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
-    """``torch.linalg.eigh``, in float64 for lower-precision matrices on the CPU.
+def _solver_precision(M: Tensor) -> Tensor:
+    """``M`` in float64 if it is a lower-precision matrix on the CPU, else ``M`` itself.
 
     LAPACK's single-precision symmetric eigensolver is several times slower than the
     double-precision one on the rank-deficient matrices typical of curvature (measured: 4.2 s
-    vs 1.0 s for a rank-200 785 x 785 K-FAC factor), and less accurate; the result is cast back.
-    On accelerators the input precision is kept.
+    vs 1.0 s for a rank-200 785 x 785 K-FAC factor), and less accurate. On accelerators the
+    input precision is kept.
+    """
+    if M.device.type == "cpu" and M.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return M.double()
+    return M
+
+
+def stable_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh`` in the precision of :func:`_solver_precision`, cast back.
 
     Shapes:
         ``M (n, n) -> eigenvalues (n,), eigenvectors (n, n)``
     """
-    if M.device.type == "cpu" and M.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        eigenvalues, eigenvectors = torch.linalg.eigh(M.double())
-        return eigenvalues.to(M.dtype), eigenvectors.to(M.dtype)
-    return torch.linalg.eigh(M)
+    eigenvalues, eigenvectors = torch.linalg.eigh(_solver_precision(M))
+    return eigenvalues.to(M.dtype), eigenvectors.to(M.dtype)
+
+
+def _with_jitter(solve: Callable[[Tensor], Any], M: Tensor) -> tuple[Any, float]:
+    """``(solve(M), 0)``, or ``(solve(M + jitter I), jitter)`` if the solver fails."""
+    try:
+        return solve(M), 0.0
+    except RuntimeError:
+        jitter = torch.eye(M.shape[-1], device=M.device, dtype=M.dtype) * _EIGH_JITTER
+        return solve(M + jitter), _EIGH_JITTER
 
 
 def psd_eigenvalues(M: Tensor) -> Tensor:
     """Eigenvalues of a symmetric positive semi-definite matrix, ascending, clamped at zero.
 
     The eigenvalues of :func:`symeig` without the eigenvectors (``torch.linalg.eigvalsh``,
-    about half the time of ``eigh``), in float64 for lower-precision matrices on the CPU as
-    in :func:`stable_eigh`, with the same jittered retry.
+    about half the time of ``eigh``), in the same precision and with the same jittered retry.
 
     Shapes:
         ``M (n, n) -> (n,)``
     """
-    work = M.double() if M.device.type == "cpu" and M.dtype != torch.float64 else M
-    try:
-        eigenvalues = torch.linalg.eigvalsh(work)
-    except RuntimeError:
-        jitter = torch.eye(M.shape[-1], device=M.device, dtype=work.dtype) * _EIGH_JITTER
-        eigenvalues = torch.linalg.eigvalsh(work + jitter) - _EIGH_JITTER
-    return eigenvalues.clamp(min=0.0).to(M.dtype)
+    eigenvalues, jitter = _with_jitter(lambda A: torch.linalg.eigvalsh(_solver_precision(A)), M)
+    return (eigenvalues - jitter).clamp(min=0.0).to(M.dtype)
 
 
 def symeig(M: Tensor) -> tuple[Tensor, Tensor]:
@@ -83,13 +92,8 @@ def symeig(M: Tensor) -> tuple[Tensor, Tensor]:
     Shapes:
         ``M (n, n) -> eigenvalues (n,), eigenvectors (n, n)``
     """
-    try:
-        eigenvalues, eigenvectors = stable_eigh(M)
-    except RuntimeError:
-        jitter = torch.eye(M.shape[-1], device=M.device, dtype=M.dtype) * _EIGH_JITTER
-        eigenvalues, eigenvectors = stable_eigh(M + jitter)
-        eigenvalues = eigenvalues - _EIGH_JITTER
-    return eigenvalues.clamp(min=0.0), eigenvectors
+    (eigenvalues, eigenvectors), jitter = _with_jitter(stable_eigh, M)
+    return (eigenvalues - jitter).clamp(min=0.0), eigenvectors
 
 
 def invsqrt_precision(M: Tensor) -> Tensor:
