@@ -8,6 +8,7 @@
 #   make docs       build the documentation site with mkdocs --strict
 #   make bench      run the core benchmarks (REFERENCE_PYTHON=/path/to/python to compare)
 #   make agreement  compare numbers with a reference library (REFERENCE_PYTHON required)
+#   make accuracy   float32 models against float64 truth (REFERENCE_PYTHON optional)
 #
 # Override the interpreter with `make test PYTHON=/path/to/python`.
 
@@ -16,7 +17,7 @@ PYTEST_WORKERS ?= 2
 LINT_PATHS ?= laplace tests benchmarks examples
 REFERENCE_PYTHON ?=
 
-.PHONY: install install-docs demo test test-all lint format docs bench agreement
+.PHONY: install install-docs demo test test-all lint format docs bench agreement accuracy
 
 install:
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -49,3 +50,6 @@ bench: install
 
 agreement: install
 	$(PYTHON) benchmarks/check_agreement.py --reference-python $(REFERENCE_PYTHON)
+
+accuracy: install
+	$(PYTHON) benchmarks/check_accuracy.py $(if $(REFERENCE_PYTHON),--reference-python $(REFERENCE_PYTHON))

@@ -20,6 +20,7 @@ The public classes of the grid (``FullLaplace``, ``KronLaplace``, ``DiagLaplace`
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, ClassVar
 
@@ -36,6 +37,7 @@ from laplace.utils.data import Inputs, check_finite_inputs, dataset_size, unpack
 from laplace.utils.enums import HessianStructure, Likelihood, parse_enum
 from laplace.utils.linear_jacobians import linear_jacobian_factors
 from laplace.utils.matrix import Kron, KronDecomposed
+from laplace.utils.precision import accumulation_dtype
 
 __all__ = [
     "BaseLaplace",
@@ -45,6 +47,14 @@ __all__ = [
     "LowRankLaplace",
     "ParametricLaplace",
 ]
+
+
+def _takes_out(method: Any) -> bool:
+    """Whether a backend's structure method accepts ``out`` (sums into it in place)."""
+    try:
+        return "out" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class BaseLaplace(HyperparameterMixin, PriorTuningMixin, PredictiveMixin):
@@ -102,7 +112,7 @@ class BaseLaplace(HyperparameterMixin, PriorTuningMixin, PredictiveMixin):
         self._backend = None
         self.n_outputs: int | None = None
         self.n_data: int | None = None
-        self.loss: Tensor | float = 0.0
+        self.loss = 0.0
         self._init_hyperparameters(sigma_noise, prior_precision, prior_mean, temperature)
 
     def _make_subset(self, model: nn.Module) -> AllWeights:
@@ -140,6 +150,26 @@ class BaseLaplace(HyperparameterMixin, PriorTuningMixin, PredictiveMixin):
     def _dtype(self) -> torch.dtype:
         return self.params[0].dtype
 
+    @property
+    def _accumulation_dtype(self) -> torch.dtype:
+        """The precision of sums over the data and of the marginal likelihood's terms
+        (:func:`~laplace.utils.precision.accumulation_dtype`)."""
+        return accumulation_dtype(self._dtype, self._device)
+
+    @property
+    def loss(self) -> Tensor | float:
+        """The training loss ``factor * sum_n loss_n`` at the MAP, summed by :meth:`fit` (in
+        the accumulation precision; returned in the model's dtype)."""
+        if isinstance(self._loss, Tensor):
+            return self._loss.to(self._dtype)
+        return self._loss
+
+    @loss.setter
+    def loss(self, value: Tensor | float) -> None:
+        if isinstance(value, Tensor):
+            value = value.detach().to(accumulation_dtype(value.dtype, value.device))
+        self._loss = value
+
     def _check_backend(self, backend: type | None) -> type:
         from laplace.curvature import BACKENDS, CurvlinopsGGN
 
@@ -171,7 +201,7 @@ class BaseLaplace(HyperparameterMixin, PriorTuningMixin, PredictiveMixin):
             if self.likelihood == Likelihood.REWARD_MODELING
             else self.likelihood
         )
-        return self._backend_cls(
+        backend = self._backend_cls(
             model,
             likelihood,
             dict_key_x=self.dict_key_x,
@@ -179,6 +209,8 @@ class BaseLaplace(HyperparameterMixin, PriorTuningMixin, PredictiveMixin):
             **kwargs,
             **self._backend_kwargs,
         )
+        backend.sum_dtype = self._accumulation_dtype  # see laplace.utils.precision
+        return backend
 
     def _check_fitted(self) -> None:
         if self.n_data is None:
@@ -190,6 +222,7 @@ class BaseLaplace(HyperparameterMixin, PriorTuningMixin, PredictiveMixin):
         state = self.__dict__.copy()
         state["_backend"] = None
         state.pop("_whole_backend", None)
+        state.pop("_squares_cache", None)
         state["_posterior_cache"] = None
         return state
 
@@ -280,7 +313,7 @@ class ParametricLaplace(BaseLaplace):
         """
         n_data = dataset_size(train_loader)
         if override or self._curvature is None:
-            self._curvature, self.loss, self.n_data = self._new_curvature(), 0.0, None
+            self._curvature, self._loss, self.n_data = self._new_curvature(), 0.0, None
         self.model.eval()
         self.mean = self.subset.mean()
         if not torch.isfinite(self.mean).all():
@@ -291,28 +324,59 @@ class ParametricLaplace(BaseLaplace):
             check_finite_inputs(X)
             if self.n_outputs is None or n_batches == 0:
                 self._set_n_outputs(X)
-            loss = loss + self._add_batch(H_new, X, y, n_data).detach()
+            batch_loss = self._add_batch(H_new, X, y, n_data).detach()
+            loss = loss + batch_loss.to(accumulation_dtype(batch_loss.dtype, batch_loss.device))
             n_batches += 1
         if n_batches == 0:
             raise ValueError("train_loader yielded no batches")
         self._finish_batches(H_new, n_data)
         self._merge_fit(H_new, n_data)
-        self.loss = self.loss + loss
+        self._loss = self._loss + loss
         self.n_data = n_data + (self.n_data or 0)
         self._posterior_cache = None
 
     def _add_batch(self, H_new: Curvature, X: Inputs, y: Tensor, n_data: int) -> Tensor:
-        """Add one batch's curvature to ``H_new`` and return the batch's loss."""
+        """Add one batch's curvature to ``H_new`` and return the batch's loss.
+
+        A dense curvature is summed in place when the backend's ``full`` takes ``out``
+        (no ``(params, params)`` temporary per batch).
+        """
+        if self._sums_in_place():
+            method = getattr(self.backend, self._structure.value)
+            loss, _ = method(X, y, N=n_data, out=H_new.H, **self._asdl_fisher_kwargs)
+            H_new._invalidate()
+            return loss
         batch_loss, H_batch = self._curvature_step(X, y, n_data)
         if H_batch is not None:
             H_new.add_(H_batch)
         return batch_loss
 
+    def _sums_in_place(self) -> bool:
+        """Whether :meth:`_add_batch` lets the backend sum the curvature in place (a dense
+        or Kronecker-factored one, when the backend's method takes ``out``)."""
+        if self._structure not in (HessianStructure.FULL, HessianStructure.KRON):
+            return False
+        return _takes_out(getattr(self.backend, self._structure.value))
+
     def _finish_batches(self, H_new: Curvature, n_data: int) -> None:
-        """Hook after the last batch, for curvatures that :meth:`_add_batch` keeps raw."""
+        """Hook after the last batch, for curvatures that :meth:`_add_batch` keeps raw; a
+        dense curvature summed in place is checked for NaN/Inf once here.
+
+        Raises:
+            ValueError: If the curvature summed in place has NaN or Inf entries.
+        """
+        if self._sums_in_place():
+            flush = getattr(self.backend, "flush_sums", None)
+            if callable(flush):
+                flush()
+        if self._sums_in_place() and not H_new.is_finite():
+            raise ValueError(
+                "the curvature contains NaN or Inf values; check the model (outputs and "
+                "parameters) and the data for NaN, Inf or overflow"
+            )
 
     def _merge_fit(self, H_new: Curvature, n_data: int) -> None:
-        self._curvature.add_(H_new.public())
+        self._curvature.add_(H_new.H)  # the storage, in the accumulation precision
 
     def _set_n_outputs(self, X: Inputs) -> None:
         with torch.no_grad():
@@ -362,33 +426,63 @@ class ParametricLaplace(BaseLaplace):
 
     @property
     def log_det_posterior_precision(self) -> Tensor:
-        return self.posterior.logdet()
+        return self.posterior.logdet().to(self._dtype)
 
     @property
     def log_det_ratio(self) -> Tensor:
-        return self.log_det_posterior_precision - self.log_det_prior_precision
+        return self._log_det_ratio().to(self._dtype)
+
+    def _log_det_ratio(self) -> Tensor:
+        """``log det P - log det P0`` in the accumulation precision."""
+        return self.posterior.logdet() - self._log_det_prior_precision()
 
     @property
     def scatter(self) -> Tensor:
         """``(theta - mu0)^T P0 (theta - mu0)``."""
-        delta = self.mean - self.prior_mean
-        prior = self.prior_precision
-        if prior.numel() == self._n_posterior:
-            return (delta * prior) @ delta
-        if prior.numel() == 1:
-            return prior.sum() * (delta @ delta)
-        per_layer = torch.stack([part @ part for part in delta.split(self.subset.sizes)])
-        return prior @ per_layer
+        return self._scatter().to(self._dtype)
+
+    def _scatter(self) -> Tensor:
+        """:attr:`scatter` in the accumulation precision."""
+        prior = self.prior_precision.to(self._accumulation_dtype)
+        squares = self._squared_distance(prior.numel())
+        return prior @ squares
+
+    _squares_cache: tuple[Tensor, Tensor, int, int, int, Tensor] | None = None
+
+    def _squared_distance(self, n_prior: int) -> Tensor:
+        """``|mean - prior_mean|^2`` in the accumulation precision, summed over the blocks
+        of a prior with ``n_prior`` entries (scalar, layerwise or per parameter); kept while
+        neither mean changes (a marginal-likelihood step only changes the prior precision).
+
+        Shapes:
+            ``-> (n_prior,)``
+        """
+        mean, prior_mean = self.mean, self.prior_mean
+        key = (mean._version, prior_mean._version, n_prior)
+        cache = self._squares_cache
+        if cache is not None and cache[0] is mean and cache[1] is prior_mean and cache[2:5] == key:
+            return cache[5]
+        squares = (mean - prior_mean).to(self._accumulation_dtype).square()
+        if n_prior == 1:
+            squares = squares.sum().reshape(1)
+        elif n_prior != squares.numel():
+            squares = torch.stack([part.sum() for part in squares.split(self.subset.sizes)])
+        if not squares.requires_grad:
+            self._squares_cache = (mean, prior_mean, *key, squares)
+        return squares
 
     @property
     def log_likelihood(self) -> Tensor:
         """``log p(D | theta_MAP)``, differentiable in ``sigma_noise``."""
+        return self._log_likelihood().to(self._dtype)
+
+    def _log_likelihood(self) -> Tensor:
+        """:attr:`log_likelihood` in the accumulation precision."""
         self._check_fitted()
-        log_lik = -self._H_factor * self.loss
+        log_lik = -self._H_factor * self._loss
         if self.likelihood == Likelihood.REGRESSION:
-            norm = (
-                self.n_data * self.n_outputs * torch.log(self.sigma_noise * math.sqrt(2 * math.pi))
-            )
+            sigma = self.sigma_noise.to(self._accumulation_dtype)
+            norm = self.n_data * self.n_outputs * torch.log(sigma * math.sqrt(2 * math.pi))
             log_lik = log_lik - norm
         return log_lik
 
@@ -397,26 +491,33 @@ class ParametricLaplace(BaseLaplace):
     ) -> Tensor:
         """Laplace approximation of ``log p(D)``; values passed in replace the stored ones.
 
-        Differentiable w.r.t. ``prior_precision`` and ``sigma_noise``.
+        Differentiable w.r.t. ``prior_precision`` and ``sigma_noise``. Its terms are
+        combined in the accumulation precision (they are large and nearly cancel) and the
+        result is returned in the model's dtype.
         """
         if prior_precision is not None:
             self.prior_precision = prior_precision
         if sigma_noise is not None:
             self.sigma_noise = sigma_noise
-        return self.log_likelihood - 0.5 * (self.log_det_ratio + self.scatter)
+        value = self._log_likelihood() - 0.5 * (self._log_det_ratio() + self._scatter())
+        return value.to(self._dtype)
 
     def square_norm(self, value: Tensor) -> Tensor:
         """``(value - mean)^T P (value - mean)``."""
+        return self._square_norm(value).to(self._dtype)
+
+    def _square_norm(self, value: Tensor) -> Tensor:
+        """:meth:`square_norm` in the accumulation precision."""
         return self.posterior.quad(value - self.mean)
 
     def log_prob(self, value: Tensor, normalized: bool = True) -> Tensor:
         """Log density of ``value`` under the posterior."""
-        log_prob = -0.5 * self.square_norm(value)
+        log_prob = -0.5 * self._square_norm(value)
         if normalized:
             log_prob = log_prob + 0.5 * (
-                self.log_det_posterior_precision - self._n_posterior * math.log(2 * math.pi)
+                self.posterior.logdet() - self._n_posterior * math.log(2 * math.pi)
             )
-        return log_prob
+        return log_prob.to(self._dtype)
 
     def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> Tensor:
         """Parameter samples ``(n_samples, params)`` from the posterior."""
@@ -478,7 +579,7 @@ class ParametricLaplace(BaseLaplace):
             "param_shapes": [list(p.shape) for p in self.params],
             "mean": self.mean.detach(),
             "H": self._curvature.state_dict(),
-            "loss": torch.as_tensor(self.loss).detach(),
+            "loss": torch.as_tensor(self._loss).detach(),
             "prior_mean": self.prior_mean.detach(),
             "prior_precision": self.prior_precision.detach(),
             "sigma_noise": self.sigma_noise.detach(),
@@ -515,7 +616,7 @@ class ParametricLaplace(BaseLaplace):
         self._curvature = H
         device, dtype = self._device, self._dtype
         self.mean = state_dict["mean"].to(device=device, dtype=dtype)
-        self.loss = state_dict["loss"].to(device=device, dtype=dtype)
+        self.loss = state_dict["loss"].to(device=device, dtype=self._accumulation_dtype)
         self.n_data, self.n_outputs = state_dict["n_data"], state_dict["n_outputs"]
         self.prior_mean = state_dict["prior_mean"]
         self.prior_precision = state_dict["prior_precision"]

@@ -41,7 +41,7 @@ class HyperparameterMixin:
     """Properties ``prior_precision``, ``prior_mean``, ``sigma_noise`` and ``temperature``.
 
     The host class provides ``likelihood``, ``_n_posterior``, ``_n_blocks``, ``subset.sizes``,
-    ``_device`` and ``_dtype``.
+    ``_device``, ``_dtype`` and ``_accumulation_dtype``.
     """
 
     _posterior_cache: object | None = None
@@ -92,9 +92,15 @@ class HyperparameterMixin:
     @property
     def log_det_prior_precision(self) -> Tensor:
         """``log det P0``, from the scalar or per-layer values without expanding them."""
-        prior = self.prior_precision
+        return self._log_det_prior_precision().to(self._dtype)
+
+    def _log_det_prior_precision(self) -> Tensor:
+        """:attr:`log_det_prior_precision` in the accumulation precision."""
+        prior = self.prior_precision.to(self._accumulation_dtype)
         if prior.numel() == self._n_posterior:
             return prior.log().sum()
+        if prior.numel() == 1:
+            return self._n_posterior * prior.log().sum()
         return (self._prior_counts(prior) * prior.log()).sum()
 
     def _prior_counts(self, prior: Tensor) -> Tensor:
@@ -159,5 +165,7 @@ class HyperparameterMixin:
 
     @property
     def _H_factor(self) -> Tensor:
-        """Likelihood factor ``1 / (sigma_noise^2 * temperature)`` of the curvature."""
-        return 1.0 / (self.sigma_noise.square() * self.temperature)
+        """Likelihood factor ``1 / (sigma_noise^2 * temperature)`` of the curvature, in the
+        accumulation precision."""
+        sigma = self.sigma_noise.to(self._accumulation_dtype)
+        return 1.0 / (sigma.square() * self.temperature)

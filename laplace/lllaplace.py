@@ -10,9 +10,11 @@ linear form of the layer so that nothing grows with ``outputs x params``:
   in closed form from ``phi`` and the Hessian ``Lambda_n`` of the loss w.r.t. the output
   (``J_n = [I ⊗ phi_n^T, I]``, so ``J_n^T Lambda_n J_n = Lambda_n ⊗ [phi_n, 1][phi_n, 1]^T``):
   the dense matrix, its diagonal ``diag(Lambda_n) ⊗ phi_n^2``, or the K-FAC factors
-  ``B = sum_n Lambda_n`` and ``A = sum_n phi_n phi_n^T / N``. This applies to the GGN
-  backends (exact or Monte-Carlo); other backends (empirical Fisher, Hessian) are asked for
-  the curvature of the last layer on the features.
+  ``B = sum_n Lambda_n`` and ``A = sum_n phi_n phi_n^T / N``
+  (:mod:`laplace.curvature.linear`, which also explains how the softmax Hessians are summed
+  without cancellation). This applies to the GGN backends (exact or Monte-Carlo); other
+  backends (empirical Fisher, Hessian) are asked for the curvature of the last layer on the
+  features.
 - the GLM predictive variance is a quadratic form in ``phi`` per output pair
   (``inv_quad_linear`` of the posterior structures), and only its diagonal is computed when
   only the diagonal is used (probit, ``functional_variance_fast``, diagonal outputs).
@@ -29,12 +31,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from laplace.baselaplace import DiagLaplace, FullLaplace, KronLaplace, ParametricLaplace
+from laplace.curvature._kfac import PendingRows
+from laplace.curvature.linear import (
+    OutputCurvature,
+    computes_ggn,
+    laplacian,
+    linear_diag_ggn,
+    linear_full_ggn,
+    linear_kron_ggn,
+    output_curvature,
+)
 from laplace.hyperparameters import _as_tensor, _check_positive
 from laplace.posterior.base import Curvature
 from laplace.subsets import LastLayer
@@ -44,121 +56,6 @@ from laplace.utils.feature_extractor import FeatureExtractor, FeatureReduction
 from laplace.utils.matrix import Kron
 
 __all__ = ["LLLaplace", "FullLLLaplace", "KronLLLaplace", "DiagLLLaplace"]
-
-
-class OutputCurvature(NamedTuple):
-    """Per-sample loss Hessians w.r.t. the outputs, ``Lambda_n = diag(d_n) + s R_n^T R_n``.
-
-    Attributes:
-        diagonal: ``d``, shape ``(batch, outputs)``, or ``None`` for zero.
-        root: ``R``, shape ``(batch, k, outputs)``, or ``None`` for zero.
-        sign: ``s``, ``+1`` or ``-1``.
-    """
-
-    diagonal: Tensor | None
-    root: Tensor | None
-    sign: float
-
-    @property
-    def n_outputs(self) -> int:
-        return (self.diagonal if self.root is None else self.root).shape[-1]
-
-    def diag(self) -> Tensor:
-        """The diagonals of ``Lambda_n``, shape ``(batch, outputs)``."""
-        if self.root is None:
-            return self.diagonal
-        root_part = self.sign * self.root.square().sum(1)
-        return root_part if self.diagonal is None else self.diagonal + root_part
-
-    def total(self) -> Tensor:
-        """``sum_n Lambda_n``, shape ``(outputs, outputs)``."""
-        if self.root is None:
-            return torch.diag(self.diagonal.sum(0))
-        flat = self.root.flatten(0, 1)
-        total = flat.mT @ flat
-        if self.sign < 0:
-            total.neg_()
-        if self.diagonal is not None:
-            total.diagonal().add_(self.diagonal.sum(0))
-        return total
-
-
-def computes_ggn(backend: Any) -> bool:
-    """Whether ``backend`` computes a GGN: it has ``_output_root`` (``GGNInterface`` family)."""
-    return callable(getattr(backend, "_output_root", None))
-
-
-def output_curvature(backend: Any, f: Tensor) -> OutputCurvature:
-    """``Lambda_n`` of a GGN backend at the outputs ``f``.
-
-    For classification ``Lambda_n = diag(p_n) - p_n p_n^T`` with ``p_n = softmax(f_n)``, for
-    regression the identity, and with ``stochastic=True`` the backend's sampled root.
-
-    Shapes:
-        ``f (batch, outputs)``
-    """
-    if getattr(backend, "stochastic", False):
-        return OutputCurvature(None, backend._output_root(f, backend.generator), 1.0)
-    if backend.likelihood == Likelihood.REGRESSION:
-        return OutputCurvature(torch.ones_like(f), None, 1.0)
-    p = torch.softmax(f, dim=-1)
-    return OutputCurvature(p, p.unsqueeze(1), -1.0)
-
-
-def _with_ones(phi: Tensor, bias: bool) -> Tensor:
-    return torch.cat([phi, phi.new_ones(phi.shape[0], 1)], dim=1) if bias else phi
-
-
-def linear_full_ggn(phi: Tensor, lam: OutputCurvature, bias: bool, **_: Any) -> Tensor:
-    """Dense GGN ``sum_n Lambda_n ⊗ [phi_n, 1][phi_n, 1]^T`` of a linear layer.
-
-    Rows and columns are ordered as the parameters: the row-major weight, then the bias.
-
-    Shapes:
-        ``phi (batch, features) -> (params, params)``
-    """
-    n_outputs, phi = lam.n_outputs, _with_ones(phi, bias)
-    width = phi.shape[1]
-    H = phi.new_zeros(n_outputs, width, n_outputs, width)
-    if lam.diagonal is not None:
-        blocks = torch.einsum("nc,ni,nj->ijc", lam.diagonal, phi, phi)
-        H.diagonal(dim1=0, dim2=2).add_(blocks)
-    if lam.root is not None:
-        outer = (lam.root.unsqueeze(-1) * phi[:, None, None, :]).reshape(-1, n_outputs * width)
-        H = H + lam.sign * (outer.mT @ outer).view_as(H)
-    grid = torch.arange(n_outputs * width, device=phi.device).view(n_outputs, width)
-    order = torch.cat([grid[:, : width - 1].reshape(-1), grid[:, -1]]) if bias else grid.view(-1)
-    return H.view(n_outputs * width, -1)[order][:, order]
-
-
-def linear_diag_ggn(phi: Tensor, lam: OutputCurvature, bias: bool, **_: Any) -> Tensor:
-    """Diagonal of the GGN of a linear layer, ``sum_n diag(Lambda_n) ⊗ [phi_n^2, 1]``.
-
-    Shapes:
-        ``phi (batch, features) -> (params,)``
-    """
-    diagonals = lam.diag()
-    weight = diagonals.mT @ phi.square()
-    return torch.cat([weight.reshape(-1), diagonals.sum(0)]) if bias else weight.reshape(-1)
-
-
-def linear_kron_ggn(
-    phi: Tensor, lam: OutputCurvature, bias: bool, n_data: int, factor: float, **_: Any
-) -> Kron:
-    """K-FAC of a linear layer's GGN for one batch: ``[B, A]`` (weight) and ``[B]`` (bias).
-
-    ``B = sum_n Lambda_n`` and ``A = sum_n phi_n phi_n^T / N`` in the convention of
-    :mod:`laplace.curvature.curvlinops`: the loss ``factor`` is spread evenly over the two
-    factors of the weight block (``B / sqrt(factor)`` and ``sqrt(factor) A`` since
-    ``Lambda_n`` already includes it).
-
-    Shapes:
-        ``phi (batch, features)``; ``B``: ``(outputs, outputs)``; ``A``: ``(features, features)``
-    """
-    B, root_factor = lam.total(), math.sqrt(factor)
-    A = (phi.mT @ phi).mul_(root_factor / n_data)
-    weight_B = B if factor == 1 else B / root_factor
-    return Kron([[weight_B, A], [B]] if bias else [[weight_B, A]])
 
 
 def _check_finite(curvature: Tensor | Kron) -> Tensor | Kron:
@@ -384,6 +281,9 @@ class LLLaplace(ParametricLaplace):
         method = getattr(self._whole_model_backend(), self._structure.value)
         return method(X, y, N=n_data, **self._asdl_fisher_kwargs)
 
+    def _sums_in_place(self) -> bool:
+        return False  # the closed forms and the folded path go through _curvature_step
+
     def _fit_folds(self, X: Inputs) -> bool:
         """:meth:`_folds` on the first batch of a fit (one extra forward pass per fit, for
         backends without the closed form), remembered for the other batches."""
@@ -521,12 +421,25 @@ class KronLLLaplace(LLLaplace, KronLaplace):
 
     _linear_curvature = staticmethod(linear_kron_ggn)
 
+    _pending_features: PendingRows | None = None
+    """Features of small batches not yet summed into ``A`` (see :class:`PendingRows`)."""
+
+    _edge_weights: tuple[Curvature, Tensor] | None = None
+    """``sum_n p_n p_n^T`` of the softmax form during a fit (see :meth:`_add_batch`), with
+    the curvature it belongs to."""
+
     def _add_batch(self, H_new: Curvature, X: Inputs, y: Tensor, n_data: int) -> Tensor:
         """Accumulate ``sum_n Lambda_n`` and ``sum_n phi_n phi_n^T`` in place.
 
-        The sums go straight into ``H_new``'s weight factors with ``addmm_`` (no per-batch
-        factors to allocate and add, and ``B`` once instead of for weight and bias);
-        :meth:`_finish_batches` then scales them as :func:`linear_kron_ggn` does.
+        The sums go straight into ``H_new``'s weight factors (no per-batch factors to
+        allocate and add, and ``B`` once instead of for weight and bias), in the
+        accumulation precision; the features of small batches are gathered before their
+        float64 Gram (:class:`~laplace.curvature._kfac.PendingRows`). For the softmax
+        Hessian only the non-negative edge weights ``sum_n p_n p_n^T`` are summed per batch,
+        in the model's dtype with ``addmm_`` (their relative accuracy survives any number of
+        batches); :meth:`_finish_batches` turns them into the Laplacian ``sum_n Lambda_n``
+        (:mod:`laplace.curvature.linear`) and scales the factors as
+        :func:`~laplace.curvature.linear.linear_kron_ggn` does.
         """
         if not self._closed_form():
             return super()._add_batch(H_new, X, y, n_data)
@@ -538,24 +451,34 @@ class KronLLLaplace(LLLaplace, KronLaplace):
             H_new.add_(H_batch)
             return loss
         loss, phi, lam = step
-        B, A = H_new.public().kfacs[0]
-        if lam.root is not None:
-            flat = lam.root.flatten(0, 1)
-            B.addmm_(flat.mT, flat, alpha=lam.sign)
-        if lam.diagonal is not None:
-            B.diagonal().add_(lam.diagonal.sum(0))
-        A.addmm_(phi.mT, phi, alpha=math.sqrt(self.backend.factor) / n_data)
+        B, A = H_new.H.kfacs[0]
+        if lam.probs is not None:
+            if self._edge_weights is None or self._edge_weights[0] is not H_new:
+                self._edge_weights = (H_new, lam.weights())
+            else:
+                self._edge_weights[1].addmm_(lam.probs.mT, lam.probs)
+        else:
+            B.add_(lam.total())
+        if self._pending_features is None:
+            self._pending_features = PendingRows()
+        self._pending_features.add(A, phi, math.sqrt(self.backend.factor) / n_data, A.dtype)
         return loss
 
     def _finish_batches(self, H_new: Curvature, n_data: int) -> None:
+        kept, self._edge_weights = self._edge_weights, None
+        pending, self._pending_features = self._pending_features, None
         if not self._closed_form() or self._folded_fit:  # nothing kept raw
             return
-        blocks = H_new.public().kfacs
+        if pending is not None:
+            pending.flush()
+        blocks = H_new.H.kfacs
         B = blocks[0][0]
+        if kept is not None and kept[0] is H_new:
+            B.add_(laplacian(kept[1]))
         if len(blocks) == 2:  # the bias block is B unscaled
             blocks[1][0].copy_(B)
         B.div_(math.sqrt(self.backend.factor))
-        _check_finite(H_new.public())
+        _check_finite(H_new.H)
         H_new._invalidate()
 
     def __init__(

@@ -53,7 +53,8 @@ class LowRankLaplace(ParametricLaplace):
         lanczos_max_iter: Most Lanczos vectors kept (default ``min(n_params, max(3 k,
             k + 50))``); more cost memory but converge more eigenpairs.
         lanczos_tol: Relative residual tolerance of the eigenpairs (default
-            ``eps ** 0.75`` of the model's dtype).
+            ``eps ** 0.75`` of the accumulation precision, float64 for float32 models: the
+            Krylov basis and the curvature-vector products run in it).
         lanczos_seed: Seed of the random start vector (default 0).
 
     Raises:
@@ -207,12 +208,14 @@ class LowRankLaplace(ParametricLaplace):
             self.n_params,
             self.n_eigenvalues,
             device=self._device,
-            dtype=self._dtype,
+            dtype=self._accumulation_dtype,  # the products run in it too (curvature_matvec)
             max_iter=self.lanczos_max_iter,
             tol=self.lanczos_tol,
             generator=generator,
         )
-        curvature = LowRankCurvature(eigenvectors, self._clamp(eigenvalues), self.subset.sizes)
+        curvature = LowRankCurvature(
+            eigenvectors, self._clamp(eigenvalues), self.subset.sizes, dtype=self._dtype
+        )
         curvature.assume_psd = self._backend_cls.psd_curvature
         return curvature
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -193,13 +194,20 @@ class PredictiveMixin:
             diagonal = link_approx == LinkApprox.PROBIT or (
                 link_approx == LinkApprox.MC and diagonal_output
             )
-        if diagonal:
-            f_mu, f_var = self._glm_predictive_diagonal(x)
-        else:
-            f_mu, f_var = self._glm_predictive_distribution(x, joint=joint and regression)
+        if regression or link_approx not in (LinkApprox.BRIDGE, LinkApprox.BRIDGE_NORM):
+            context = nullcontext()
+        else:  # the bridge cancels: its variance in the accumulation precision
+            context = self.posterior.precise()
+        with context:
+            if diagonal:
+                f_mu, f_var = self._glm_predictive_diagonal(x)
+            else:
+                f_mu, f_var = self._glm_predictive_distribution(x, joint=joint and regression)
         if regression:
             return f_mu, f_var
-        return apply_link(f_mu, f_var, link_approx, n_samples, diagonal_output, generator)
+        f_mu = f_mu.to(f_var.dtype)
+        probs = apply_link(f_mu, f_var, link_approx, n_samples, diagonal_output, generator)
+        return probs.to(self._dtype)
 
     def _glm_predictive_diagonal(self, x: Inputs) -> tuple[Tensor, Tensor]:
         """``f_mu`` and the diagonal of ``f_var``, for predictives that need no correlations.

@@ -39,7 +39,9 @@ class DiagLaplace(ParametricLaplace):
     _factored_predictive = True
 
     def _factored_variance(self, factors: list[tuple[Tensor, ...]]) -> Tensor:
-        return factored_diagonal_variance(factors, self.posterior_variance)
+        variance = self.posterior_variance  # the model's dtype, or higher when precise
+        factors = [tuple(t.to(variance.dtype) for t in block) for block in factors]
+        return factored_diagonal_variance(factors, variance)
 
 
 class KronLaplace(ParametricLaplace):
@@ -56,7 +58,7 @@ class KronLaplace(ParametricLaplace):
     _factored_predictive = True
 
     def _fitted_H(self) -> KronDecomposed:
-        return self._curvature.decomposed()  # cached, and reused by the posterior
+        return self._curvature.public_decomposed()  # cached, as the posterior's
 
     @property
     def H_facs(self) -> Kron | None:
@@ -100,7 +102,7 @@ class KronLaplace(ParametricLaplace):
         return KronCurvature.zeros(self.params, damping=self.damping)
 
     def _factored_variance(self, factors: list[tuple[Tensor, ...]]) -> Tensor:
-        return self.posterior_precision.inv_square_form_factored(factors)
+        return self.posterior.inv_quad_factored(factors)
 
     def _check_prior_structure(self, value: Tensor) -> None:
         if value.numel() not in (1, self._n_blocks):
@@ -114,9 +116,9 @@ class KronLaplace(ParametricLaplace):
         n_old = self.n_data or 0
         if n_old:
             total = n_old + n_data
-            _scale_input_factors(self._curvature.public(), n_old / total)
-            _scale_input_factors(H_new.public(), n_data / total)
-        self._curvature.add_(H_new.public())
+            _scale_input_factors(self._curvature.H, n_old / total)
+            _scale_input_factors(H_new.H, n_data / total)
+        self._curvature.add_(H_new.H)
 
 
 def _scale_input_factors(kron: Kron, weight: float) -> None:

@@ -137,14 +137,16 @@ class SubnetLaplace(ParametricLaplace):
         """The MAP estimate of the subnetwork parameters, shape ``(n_params_subnet,)``."""
         return self.subset.select(self.mean)
 
-    @property
-    def scatter(self) -> Tensor:
-        """``(theta_S - mu0)^T P0 (theta_S - mu0)`` over the subnetwork entries."""
-        delta = self.mean_subnet - self.prior_mean
-        return (delta * self.prior_precision_diag) @ delta
+    def _scatter(self) -> Tensor:
+        """``(theta_S - mu0)^T P0 (theta_S - mu0)`` over the subnetwork entries, in the
+        accumulation precision."""
+        dtype = self._accumulation_dtype
+        squares = (self.mean_subnet - self.prior_mean).to(dtype).square()
+        return self.prior_precision_diag.to(dtype) @ squares
 
-    def square_norm(self, value: Tensor) -> Tensor:
-        """``(value_S - mean_S)^T P (value_S - mean_S)`` of full parameter vectors.
+    def _square_norm(self, value: Tensor) -> Tensor:
+        """``(value_S - mean_S)^T P (value_S - mean_S)`` of full parameter vectors, in the
+        accumulation precision (:meth:`square_norm` returns it in the model's dtype).
 
         Shapes:
             ``(model params,) -> ()`` or ``(n, model params) -> (n,)``

@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import os
+import random
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 torch.set_default_dtype(torch.float64)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per xdist worker: several workers each running multi-threaded BLAS on the
+    # same cores slow dense linear algebra down by an order of magnitude
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_rngs():
+    """Start every test from the same global RNG state, whatever ran before it on the worker.
+
+    Tests still seed their own draws (a local ``torch.Generator`` or ``torch.manual_seed``);
+    this is the safety net for draws the library makes from the global generators.
+    """
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
 
 
 def make_mlp(n_in: int = 3, n_hidden: int = 5, n_out: int = 2, seed: int = 0) -> nn.Module:

@@ -291,16 +291,34 @@ class ReversedSequential(nn.Sequential):
         return x
 
 
-@pytest.mark.parametrize(
-    ("model", "match"),
+@pytest.mark.parametrize(  # builders, so that no weights are drawn at collection time
+    ("build", "match"),
     [
-        (Residual(), "must be an nn.Sequential.*got Residual.*CurvlinopsGGN.*GGNInterface"),
-        (ReversedSequential(nn.Linear(3, 3)), "must be an nn.Sequential.*ReversedSequential"),
-        (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), r"model\.1 is a normalisation"),
-        (nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)), "normalisation.*CurvlinopsGGN"),
-        (nn.Sequential(nn.Sequential(nn.GroupNorm(1, 3))), r"model\.0\.0 is a normalisation"),
-        (nn.Sequential(nn.Linear(3, 4), nn.Softplus()), "no extension for model.1 .Softplus"),
-        (nn.Sequential(nn.Linear(3, 4), Residual()), "no extension for model.1 .Residual"),
+        (Residual, "must be an nn.Sequential.*got Residual.*CurvlinopsGGN.*GGNInterface"),
+        (
+            lambda: ReversedSequential(nn.Linear(3, 3)),
+            "must be an nn.Sequential.*ReversedSequential",
+        ),
+        (
+            lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)),
+            r"model\.1 is a normalisation",
+        ),
+        (
+            lambda: nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)),
+            "normalisation.*CurvlinopsGGN",
+        ),
+        (
+            lambda: nn.Sequential(nn.Sequential(nn.GroupNorm(1, 3))),
+            r"model\.0\.0 is a normalisation",
+        ),
+        (
+            lambda: nn.Sequential(nn.Linear(3, 4), nn.Softplus()),
+            "no extension for model.1 .Softplus",
+        ),
+        (
+            lambda: nn.Sequential(nn.Linear(3, 4), Residual()),
+            "no extension for model.1 .Residual",
+        ),
     ],
     ids=[
         "custom-forward",
@@ -313,7 +331,9 @@ class ReversedSequential(nn.Sequential):
     ],
 )
 @pytest.mark.parametrize("backend", [BackPackGGN, BackPackEF], ids=lambda b: b.__name__)
-def test_unsupported_models_raise_at_construction(backend, model, match):
+def test_unsupported_models_raise_at_construction(backend, build, match):
+    torch.manual_seed(0)
+    model = build()
     with pytest.raises(ValueError, match=match):
         backend(model, "regression")
 
@@ -338,9 +358,12 @@ def test_input_and_structure_errors():
         backend.kron(x, y, N=0)
     with pytest.raises(ValueError, match="labels must lie"):
         backend.diag(x, y + 5)
+    torch.manual_seed(0)
     grouped = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(2, 2))
+    g = torch.Generator().manual_seed(1)
+    x_grouped, y_grouped = torch.randn(4, 2, 3, 3, generator=g), torch.randn(4, 2, generator=g)
     with pytest.raises(ValueError, match="groups=1.*groups=2"):
-        BackPackGGN(grouped, "regression").kron(torch.randn(4, 2, 3, 3), torch.randn(4, 2), N=4)
+        BackPackGGN(grouped, "regression").kron(x_grouped, y_grouped, N=4)
     with pytest.raises(ValueError, match="num_samples"):
         BackPackGGN(model, "classification", stochastic=True, num_samples=0)
     with pytest.raises(TypeError, match="stochastic"):

@@ -55,6 +55,8 @@ def test_factored_variance_with_a_frozen_layer_and_backprop():
 
 
 def test_shared_or_non_linear_layers_fall_back():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
     layer = nn.Linear(3, 3)
 
     class Twice(nn.Module):
@@ -67,15 +69,13 @@ def test_shared_or_non_linear_layers_fall_back():
 
     model = Twice()
     params = dict(model.named_parameters())
-    assert linear_jacobian_factors(model, params, torch.randn(4, 3)) is None
+    assert linear_jacobian_factors(model, params, torch.randn(4, 3, generator=g)) is None
     conv = nn.Sequential(nn.Conv2d(1, 1, 3), nn.Flatten())
-    assert (
-        linear_jacobian_factors(conv, dict(conv.named_parameters()), torch.randn(2, 1, 4, 4))
-        is None
-    )
+    images = torch.randn(2, 1, 4, 4, generator=g)
+    assert linear_jacobian_factors(conv, dict(conv.named_parameters()), images) is None
     la = KronLaplace(model, "regression")
-    x = torch.randn(8, 3)
-    la.fit(DataLoader(TensorDataset(x, torch.randn(8, 3)), batch_size=4))
+    x = torch.randn(8, 3, generator=g)
+    la.fit(DataLoader(TensorDataset(x, torch.randn(8, 3, generator=g)), batch_size=4))
     Js = dense_jacobians(model, x)
     torch.testing.assert_close(la(x)[1], la.functional_variance(Js))
 
@@ -91,11 +91,13 @@ def test_layer_that_folds_several_vectors_into_its_batch_falls_back():
         def forward(self, x):
             return self.score(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], -1)
 
+    torch.manual_seed(0)
     model = PairScore()
-    x = torch.randn(4, 2, 3)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 2, 3, generator=g)
     assert linear_jacobian_factors(model, dict(model.named_parameters()), x) is None
     la = KronLaplace(model, "regression")
-    la.fit(DataLoader(TensorDataset(x, torch.randn(4, 2)), batch_size=2))
+    la.fit(DataLoader(TensorDataset(x, torch.randn(4, 2, generator=g)), batch_size=2))
     _, f_var = la(x)
     assert f_var.shape == (4, 2, 2)
     torch.testing.assert_close(f_var, la.functional_variance(dense_jacobians(model, x)))

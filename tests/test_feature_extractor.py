@@ -32,20 +32,26 @@ class SequenceClassifier(nn.Module):
         return logits.mean(1)
 
 
+def randn(*shape: int, seed: int = 1, **kwargs) -> torch.Tensor:
+    """Standard normal inputs from a local generator, independent of the global RNG."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
 def no_hooks(model: nn.Module) -> bool:
     return all(not m._forward_hooks for m in model.modules())
 
 
 @pytest.mark.parametrize(
-    ("make", "x", "name"),
+    ("make", "x_shape", "name"),
     [
-        (make_mlp, torch.randn(4, 3), "2"),
-        (make_cnn, torch.randn(4, 1, 6, 6), "3"),
+        (make_mlp, (4, 3), "2"),
+        (make_cnn, (4, 1, 6, 6), "3"),
     ],
     ids=["mlp", "cnn"],
 )
-def test_finds_last_layer_and_captures_its_input(make, x, name):
+def test_finds_last_layer_and_captures_its_input(make, x_shape, name):
     model = make()
+    x = randn(*x_shape)
     extractor = FeatureExtractor(model)
     assert extractor.last_layer is None
     out, phi = extractor.forward_with_features(x)
@@ -61,7 +67,7 @@ def test_finds_last_layer_and_captures_its_input(make, x, name):
 
 def test_forward_finds_the_layer_and_returns_the_output():
     model = make_mlp()
-    x = torch.randn(5, 3)
+    x = randn(5, 3)
     extractor = FeatureExtractor(model)
     torch.testing.assert_close(extractor(x), model(x))
     assert extractor.last_layer_name == "2"
@@ -70,7 +76,7 @@ def test_forward_finds_the_layer_and_returns_the_output():
 
 
 def test_given_name_equals_found_name():
-    x = torch.randn(5, 3)
+    x = randn(5, 3)
     given = FeatureExtractor(make_mlp(), last_layer_name="2")
     found = FeatureExtractor(make_mlp())
     out_given, phi_given = given.forward_with_features(x)
@@ -82,7 +88,7 @@ def test_given_name_equals_found_name():
 
 def test_set_last_layer_switches_the_captured_features():
     model = make_mlp()
-    x = torch.randn(5, 3)
+    x = randn(5, 3)
     extractor = FeatureExtractor(model, last_layer_name="2")
     extractor.set_last_layer("0")
     _, phi = extractor.forward_with_features(x)
@@ -93,7 +99,7 @@ def test_set_last_layer_switches_the_captured_features():
 @pytest.mark.parametrize("enable_backprop", [False, True], ids=["detached", "backprop"])
 def test_features_are_detached_unless_backprop(enable_backprop):
     model = make_mlp()
-    x = torch.randn(5, 3, requires_grad=True)
+    x = randn(5, 3, requires_grad=True)
     _, phi = FeatureExtractor(model, enable_backprop=enable_backprop).forward_with_features(x)
     assert phi.requires_grad == enable_backprop
     if enable_backprop:
@@ -105,7 +111,7 @@ def test_features_are_detached_unless_backprop(enable_backprop):
 @pytest.mark.parametrize("mode", [m.value for m in FeatureReduction])
 def test_feature_reduction_matches_the_models_logit_reduction(mode):
     model = SequenceClassifier(mode)
-    x = torch.randn(4, 6, 3)
+    x = randn(4, 6, 3)
     extractor = FeatureExtractor(model, feature_reduction=mode)
     out, phi = extractor.forward_with_features(x)
     assert extractor.last_layer is model.score
@@ -118,16 +124,17 @@ def test_feature_reduction_matches_the_models_logit_reduction(mode):
 
 def test_sequence_features_without_reduction_are_returned_whole():
     _, phi = FeatureExtractor(SequenceClassifier("pick_last")).forward_with_features(
-        torch.randn(2, 5, 3)
+        randn(2, 5, 3)
     )
     assert phi.shape == (2, 5, 4)
 
 
 def test_reduction_of_four_dimensional_features_is_rejected():
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     extractor = FeatureExtractor(model, feature_reduction="average")
     with pytest.raises(ValueError, match=r"\(batch, seq, dim\)"):
-        extractor.forward_with_features(torch.randn(2, 3, 5, 3))
+        extractor.forward_with_features(randn(2, 3, 5, 3))
 
 
 def test_unknown_feature_reduction():
@@ -147,17 +154,19 @@ def test_bad_last_layer_name_lists_valid_names(name, match):
 
 
 @pytest.mark.parametrize(
-    ("model", "reached"),
-    [
-        (nn.Sequential(nn.Linear(3, 2), nn.Softmax(dim=-1)), "'1' (Softmax)"),
-        (nn.Sequential(nn.Linear(3, 4), nn.Tanh()), "'1' (Tanh)"),
+    ("build", "reached"),
+    [  # builders, so that no weights are drawn at collection time
+        (lambda: nn.Sequential(nn.Linear(3, 2), nn.Softmax(dim=-1)), "'1' (Softmax)"),
+        (lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh()), "'1' (Tanh)"),
     ],
     ids=["softmax", "tanh"],
 )
-def test_model_without_linear_last_layer(model, reached):
-    extractor = FeatureExtractor(model.double())
+def test_model_without_linear_last_layer(build, reached):
+    torch.manual_seed(0)
+    model = build().double()
+    extractor = FeatureExtractor(model)
     with pytest.raises(ValueError, match="no nn.Linear last layer") as info:
-        extractor.forward_with_features(torch.randn(2, 3))
+        extractor.forward_with_features(randn(2, 3))
     assert reached in str(info.value)
     assert extractor.last_layer is None
     assert no_hooks(model)
@@ -167,22 +176,22 @@ def test_model_without_modules():
     class Functional(nn.Module):
         def __init__(self):
             super().__init__()
-            self.weight = nn.Parameter(torch.randn(2, 3))
+            self.weight = nn.Parameter(randn(2, 3, seed=0))
 
         def forward(self, x):
             return x @ self.weight.T
 
     with pytest.raises(ValueError, match="no nn.Linear last layer.*'' \\(Functional\\)"):
-        FeatureExtractor(Functional()).find_last_layer(torch.randn(2, 3))
+        FeatureExtractor(Functional()).find_last_layer(randn(2, 3))
 
 
 def test_hooks_are_removed_when_the_forward_fails():
     model = make_mlp()
     extractor = FeatureExtractor(model, last_layer_name="2")
     with pytest.raises(RuntimeError):
-        extractor.forward_with_features(torch.randn(2, 7))
+        extractor.forward_with_features(randn(2, 7))
     with pytest.raises(RuntimeError):
-        FeatureExtractor(model).forward_with_features(torch.randn(2, 7))
+        FeatureExtractor(model).forward_with_features(randn(2, 7))
     assert no_hooks(model)
 
 
@@ -191,7 +200,7 @@ def test_last_layer_that_is_not_called_is_reported():
     extractor = FeatureExtractor(model, last_layer_name="2")
     model.forward = model[0].forward
     with pytest.raises(ValueError, match="was not called"):
-        extractor.forward_with_features(torch.randn(2, 3))
+        extractor.forward_with_features(randn(2, 3))
 
 
 def test_dict_inputs_and_model_kwargs():
@@ -204,7 +213,7 @@ def test_dict_inputs_and_model_kwargs():
             return self.net(scale * batch["input_ids"])
 
     model = DictModel()
-    x = torch.randn(4, 3)
+    x = randn(4, 3)
     out, phi = FeatureExtractor(model).forward_with_features({"input_ids": x}, scale=2.0)
     torch.testing.assert_close(out, model.net(2 * x))
     torch.testing.assert_close(phi, model.net[:-1](2 * x))
@@ -212,7 +221,7 @@ def test_dict_inputs_and_model_kwargs():
 
 def test_pickles_before_and_after_use():
     model = make_mlp()
-    x = torch.randn(3, 3)
+    x = randn(3, 3)
     extractor = FeatureExtractor(model, feature_reduction="pick_last")
     copy = pickle.loads(pickle.dumps(extractor))
     assert copy.last_layer is None

@@ -260,9 +260,17 @@ def test_load_state_dict_errors():
 
 
 def test_float32_curvature_keeps_dtype():
+    """float32 parameters: the factors are summed in float64 (laplace.utils.precision), the
+    public factors and every returned tensor are float32; ``logdet`` is one of the two
+    reductions returned in the accumulation precision."""
     params = [p.float() for p in _params()]
     curvature = KronCurvature.zeros(params)
     curvature.add_(Kron([[f.float() for f in b] for b in _random_kron_like(curvature, 0).kfacs]))
+    assert all(f.dtype == torch.float64 for b in curvature.H.kfacs for f in b)
+    assert all(f.dtype == torch.float32 for b in curvature.public().kfacs for f in b)
     posterior = curvature.with_prior(torch.tensor([1.0]), torch.tensor(1.0))
-    assert posterior.sample(4).dtype == torch.float32
-    assert posterior.logdet().dtype == torch.float32
+    assert posterior.sample(4, generator=torch.Generator().manual_seed(0)).dtype == torch.float32
+    assert posterior.logdet().dtype == torch.float64
+    assert posterior.covariance().dtype == torch.float32
+    Js = torch.randn(2, 3, curvature.n_params, generator=torch.Generator().manual_seed(1))
+    assert posterior.inv_quad(Js.float()).dtype == torch.float32

@@ -17,7 +17,10 @@ import torch
 from backpack import extend
 from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.secondorder.hbp.conv2d import HBPConv2d
+from backpack.extensions.secondorder.hbp.linear import HBPLinear
 from torch import Tensor, nn
+
+from laplace.utils.precision import gram
 
 _LAYERS: tuple[type[nn.Module], ...] = (
     nn.Linear,
@@ -165,8 +168,16 @@ class _ExpandConv2d(HBPConv2d):
     ``backproped`` is the (exact or sampled) square root of the GGN w.r.t. the layer output
     and ``module.input0`` the layer input, as BackPACK documents for its ``HBPConv2d``.
     Weight: ``[sum_{c,n,r} g g^T, 1 / (M R) sum_{n,r} a a^T]`` with ``a`` the unfolded input
-    patches; bias: ``[sum_{c,n,r} g g^T]``. The backward propagation is BackPACK's own.
+    patches; bias: ``[sum_{c,n,r} g g^T]``, both summed in ``dtype`` (default the inputs').
+    The backward propagation is BackPACK's own.
+
+    Args:
+        dtype: The dtype of the sums (the backend's ``sum_dtype``).
     """
+
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.dtype = dtype
 
     def weight(
         self,
@@ -180,7 +191,8 @@ class _ExpandConv2d(HBPConv2d):
         patches = nn.functional.unfold(
             module.input0, module.kernel_size, module.dilation, module.padding, module.stride
         )
-        A = torch.einsum("nil,njl->ij", patches, patches) / (patches.shape[0] * patches.shape[2])
+        rows = patches.transpose(1, 2).flatten(0, 1)  # (n * locations, in * kh * kw)
+        A = gram(rows, self.dtype or rows.dtype) / rows.shape[0]
         return [self._output_factor(module, backproped), A]
 
     def bias(
@@ -194,8 +206,7 @@ class _ExpandConv2d(HBPConv2d):
         """``[B]`` of the bias. Shapes: ``B``: ``(out, out)``."""
         return [self._output_factor(module, backproped)]
 
-    @staticmethod
-    def _output_factor(module: nn.Conv2d, backproped: Tensor) -> Tensor:
+    def _output_factor(self, module: nn.Conv2d, backproped: Tensor) -> Tensor:
         """``sum_{c,n,r} g g^T`` from the square root of shape ``(c, n, out, h, w)``.
 
         Raises:
@@ -209,5 +220,54 @@ class _ExpandConv2d(HBPConv2d):
                 f"the BackPACK backends were written for backpack-for-pytorch 1.7, installed: "
                 f"{version('backpack-for-pytorch')}"
             )
-        root = backproped.flatten(3)
-        return torch.einsum("cnil,cnjl->ij", root, root)
+        rows = backproped.flatten(3).transpose(2, 3).flatten(0, 2)  # (c * n * locations, out)
+        return gram(rows, self.dtype or rows.dtype)
+
+
+class _PreciseLinear(HBPLinear):
+    """BackPACK ``KFLR``/``KFAC`` module extension for ``nn.Linear`` summing in ``dtype``.
+
+    The factors are BackPACK's (weight ``[sum_{c,n} g g^T, 1 / M sum_n a a^T]``, bias
+    ``[sum_{c,n} g g^T]`` from the square root ``g`` it backpropagates and the layer input
+    ``a``), formed as Grams in ``dtype`` instead of float32 ``einsum`` sums (see
+    :mod:`laplace.utils.precision`). Only the square-root backpropagation of ``KFLR`` and
+    ``KFAC`` is handled, and 2-d inputs, as ``HBPLinear`` checks.
+
+    Args:
+        dtype: The dtype of the sums (the backend's ``sum_dtype``).
+    """
+
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def weight(
+        self,
+        ext: BackpropExtension,
+        module: nn.Linear,
+        g_inp: tuple[Tensor, ...],
+        g_out: tuple[Tensor, ...],
+        backproped: Tensor,
+    ) -> list[Tensor]:
+        """``[B, A]`` of the weight. Shapes: ``B``: ``(out, out)``; ``A``: ``(in, in)``."""
+        self.check_parameters(ext, module)
+        inputs = module.input0
+        A = gram(inputs, self.dtype or inputs.dtype) / inputs.shape[0]
+        return [self._output_factor(backproped), A]
+
+    def bias(
+        self,
+        ext: BackpropExtension,
+        module: nn.Linear,
+        g_inp: tuple[Tensor, ...],
+        g_out: tuple[Tensor, ...],
+        backproped: Tensor,
+    ) -> list[Tensor]:
+        """``[B]`` of the bias. Shapes: ``B``: ``(out, out)``."""
+        self.check_parameters(ext, module)
+        return [self._output_factor(backproped)]
+
+    def _output_factor(self, backproped: Tensor) -> Tensor:
+        """``sum_{c,n} g g^T`` from the square root of shape ``(c, n, out)``."""
+        rows = backproped.flatten(0, 1)
+        return gram(rows, self.dtype or rows.dtype)

@@ -34,6 +34,9 @@ then ``Kron(...) * factor`` (``factor ** 2`` for the EF). ASDL 0.1a4 divides eac
 sampled losses by ``n`` before squaring, so :class:`AsdlGGN` multiplies its Monte-Carlo
 Fisher by ``n``. Models are left as found: ASDL's result attributes are deleted, ``.grad``
 is not touched, the global random state is restored. No private ``asdl`` API is used.
+With a ``sum_dtype`` above the model's (float64 for float32 models inside a Laplace object,
+:mod:`laplace.utils.precision`) the curvature runs on a copy of the module in that dtype, since
+ASDL sums inside in the module's dtype.
 
 References:
     Osawa, K., Ishikawa, S., Yokota, R., Li, S., Hoefler, T. ASDL: A unified interface for
@@ -150,6 +153,18 @@ class AsdlInterface(CurvatureInterface):
             return module, inputs, []
         named = dict(zip(self._param_names, self.params))
         return module, inputs, self._owners(module, named, layers)
+
+    def _promoted_run(
+        self, module: nn.Module, inputs: Inputs, owners: _Owners
+    ) -> tuple[nn.Module, Inputs, _Owners]:
+        """:meth:`_promoted` module and inputs for ASDL's curvature, and the owners mapped
+        to the module it returns (ASDL sums inside, in the module's dtype)."""
+        shadow, inputs = self._promoted(module, inputs)
+        if shadow is module:
+            return module, inputs, owners
+        names = {id(m): name for name, m in module.named_modules()}
+        layers = dict(shadow.named_modules())
+        return shadow, inputs, [(layers[names[id(layer)]], kind) for layer, kind in owners]
 
     def _loss_of(self, f: Tensor, y: Tensor) -> Tensor:
         """``lossfunc(f, y)`` (summed, without ``factor``) after checking ``f`` and ``y``."""
@@ -296,7 +311,9 @@ class AsdlInterface(CurvatureInterface):
             parameter's layer, each linear layer's positions per sample, the batch loss.
         """
         config = self._fisher_config(shape, generator, kwargs)
-        module, inputs, owners = self._prepare(x, _KFAC_LAYERS if shape == SHAPE_KRON else _LAYERS)
+        module, inputs, owners = self._promoted_run(
+            *self._prepare(x, _KFAC_LAYERS if shape == SHAPE_KRON else _LAYERS)
+        )
         positions: dict[nn.Module, int] = {}
         maker = get_fisher_maker(module, config)
         output = maker.setup_model_call(self._model_call(module, y, shape, positions), inputs)
@@ -491,7 +508,9 @@ class AsdlHessian(AsdlInterface):
         """Run ``HessianMaker`` for ``shape`` and yield as :meth:`AsdlInterface._asdl_run`
         (without positions); the options are checked, ``generator`` is unused."""
         self._fisher_config(shape, generator, kwargs)
-        module, inputs, owners = self._prepare(x, (nn.Module,) if shape == SHAPE_DIAG else None)
+        module, inputs, owners = self._promoted_run(
+            *self._prepare(x, (nn.Module,) if shape == SHAPE_DIAG else None)
+        )
         maker = HessianMaker(module, HessianConfig(hessian_attr=_ATTR, hessian_shapes=[shape]))
         output = maker.setup_model_call(self._model_call(module, y, shape, {}), inputs)
         maker.setup_loss_repr(output[1])

@@ -27,8 +27,9 @@ per-sample gradients by ``factor`` and the empirical Fisher by ``factor ** 2``, 
 exactly: one block per trainable parameter tensor, ``[B, A]`` for weights and ``[B]`` for
 biases, ``A = 1 / (N R) sum a a^T`` and ``B = sum g g^T`` over samples, weight-sharing
 locations and square-root columns. For ``nn.Linear`` these are BackPACK's factors (``A``
-rescaled by ``M / N``); for ``nn.Conv2d`` BackPACK sums ``g`` over the ``R`` locations before
-the outer product and omits ``1 / R``, so :class:`_ExpandConv2d` replaces its module
+rescaled by ``M / N``), summed as Grams in the backend's ``sum_dtype`` by
+:class:`_PreciseLinear`; for ``nn.Conv2d`` BackPACK sums ``g`` over the ``R`` locations
+before the outer product and omits ``1 / R``, so :class:`_ExpandConv2d` replaces its module
 extension.
 
 References:
@@ -67,6 +68,7 @@ from laplace.curvature._backpack_support import (
     _extended_copy,
     _hooks_active,
     _is_sequential,
+    _PreciseLinear,
     _seeded,
 )
 from laplace.curvature.curvature import CurvatureInterface, EFInterface, GGNInterface
@@ -299,7 +301,7 @@ class BackPackGGN(BackPackInterface, GGNInterface):
         extension = SqrtGGNMC(mc_samples=self.num_samples) if self.stochastic else SqrtGGNExact()
         loss = self._sampled_pass(x, y, extension, generator)
         root = self._restrict(self._collect(extension.savefield, lead=2)).flatten(0, 1)
-        return loss, self._check_finite(self.factor * (root.T @ root))
+        return loss, self._check_finite(self.factor * self._gram(root))
 
     def diag(
         self,
@@ -363,7 +365,8 @@ class BackPackGGN(BackPackInterface, GGNInterface):
             raise ValueError(f"N must be a positive integer (the data-set size), got {N!r}")
         self._check_kfac_modules()
         extension = KFAC(mc_samples=self.num_samples) if self.stochastic else KFLR()
-        extension.set_module_extension(nn.Conv2d, _ExpandConv2d(), overwrite=True)
+        extension.set_module_extension(nn.Conv2d, _ExpandConv2d(self.sum_dtype), overwrite=True)
+        extension.set_module_extension(nn.Linear, _PreciseLinear(self.sum_dtype), overwrite=True)
         loss = self._sampled_pass(x, y, extension, generator)
         input_scale = y.shape[0] / N
         kfacs = []

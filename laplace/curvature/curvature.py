@@ -22,6 +22,7 @@ References:
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
 from collections.abc import MutableMapping
@@ -33,9 +34,15 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from laplace.curvature._tools import _softmax_hessian_root, _split_samples, _trainable
-from laplace.utils.data import Inputs, all_finite, batch_size
+from laplace.utils.data import Inputs, all_finite, batch_size, cast_inputs
 from laplace.utils.enums import HessianStructure, Likelihood, parse_enum
-from laplace.utils.linear_jacobians import factored_gram_diagonal, linear_jacobian_factors
+from laplace.utils.linear_jacobians import (
+    factored_gram,
+    factored_gram_diagonal,
+    linear_jacobian_factors,
+    partial_linear_factors,
+)
+from laplace.utils.precision import gram
 
 __all__ = ["CurvatureInterface", "GGNInterface", "EFInterface"]
 
@@ -70,6 +77,12 @@ class CurvatureInterface:
         n_params: Their total number of entries.
         factor: ``0.5`` for regression, ``1.0`` for classification.
         lossfunc: ``MSELoss`` or ``CrossEntropyLoss``, with ``reduction="sum"``.
+        sum_dtype: The dtype in which the structure methods sum products over a batch (the
+            Grams of Jacobian rows, the K-FAC factors) and return them; None (the default)
+            for the model's dtype. A Laplace object sets it to the accumulation precision of
+            :mod:`laplace.utils.precision` on the backend it creates. Curvatures that a
+            library sums internally are returned in this dtype too, at the library's
+            accuracy.
 
     Raises:
         TypeError: If ``kwargs`` is not empty.
@@ -81,6 +94,55 @@ class CurvatureInterface:
     supports_dict_inputs: ClassVar[bool] = True
     supports_backprop: ClassVar[bool] = True
     psd_curvature: ClassVar[bool] = True
+    sum_dtype: torch.dtype | None = None
+
+    def _summed(self, tensor: Tensor) -> Tensor:
+        """``tensor`` in :attr:`sum_dtype` (unchanged when it is None)."""
+        return tensor if self.sum_dtype is None else tensor.to(self.sum_dtype)
+
+    _shadow: tuple[nn.Module, nn.Module] | None = None
+
+    def _promoted(self, module: nn.Module, inputs: Inputs) -> tuple[nn.Module, Inputs]:
+        """``module`` and ``inputs`` in :attr:`sum_dtype`, for curvatures a library sums
+        inside in the module's dtype (``curvlinops`` operators, ASDL).
+
+        Below :attr:`sum_dtype` (float64 for float32 models inside a Laplace object, see
+        :mod:`laplace.utils.precision`), the library runs on a copy of the module in that
+        dtype, its parameters, ``requires_grad`` flags, buffers and train/eval mode refreshed
+        from the module on every call, with the floating inputs cast: one copy of the
+        module's parameters and passes in the higher precision. Otherwise ``module`` and
+        ``inputs`` themselves.
+        """
+        target = self.sum_dtype
+        reference = next(iter(module.parameters()), None)
+        if target is None or reference is None or reference.dtype == target:
+            return module, inputs
+        if self._shadow is None or self._shadow[0] is not module:
+            self._shadow = (module, copy.deepcopy(module).to(target))
+        shadow = self._shadow[1]
+        with torch.no_grad():
+            for mine, theirs in zip(shadow.parameters(), module.parameters()):
+                mine.copy_(theirs)
+                mine.requires_grad_(theirs.requires_grad)
+            for mine, theirs in zip(shadow.buffers(), module.buffers()):
+                mine.copy_(theirs)
+        shadow.train(module.training)
+        return shadow, cast_inputs(inputs, target)
+
+    def _params_of(self, module: nn.Module) -> list[Tensor]:
+        """The tensors of :attr:`params` in ``module`` (itself or its :meth:`_promoted` copy)."""
+        if self._shadow is None or module is not self._shadow[1]:
+            return self.params
+        named = dict(module.named_parameters())
+        return [named[name] for name in self._param_names]
+
+    def _gram(self, M: Tensor) -> Tensor:
+        """``M^T M`` summed in :attr:`sum_dtype` (the model's dtype when None).
+
+        Shapes:
+            ``(rows, params) -> (params, params)``
+        """
+        return gram(M, self.sum_dtype or M.dtype)
 
     def __init__(
         self,
@@ -406,7 +468,12 @@ class _GramInterface(CurvatureInterface, ABC):
         """
 
     def full(
-        self, x: Inputs, y: Tensor, N: int | None = None, **kwargs: Any
+        self,
+        x: Inputs,
+        y: Tensor,
+        N: int | None = None,
+        out: Tensor | None = None,
+        **kwargs: Any,
     ) -> tuple[Tensor, Tensor]:
         """``(loss, H)`` of a batch.
 
@@ -414,6 +481,8 @@ class _GramInterface(CurvatureInterface, ABC):
             x: A batch of inputs.
             y: The targets.
             N: Size of the data set; unused.
+            out: If given, ``H`` is added to this ``(params, params)`` tensor in place (it
+                is returned as ``H``): a fit accumulates without a temporary per batch.
             **kwargs: ``generator`` for a sampled curvature; options of other backends are
                 ignored.
 
@@ -424,8 +493,11 @@ class _GramInterface(CurvatureInterface, ABC):
             ValueError: For bad inputs or targets, or a curvature with NaN or Inf.
         """
         factor, loss = self._factor(x, y, **kwargs)
-        factor = factor.flatten(0, 1)
-        return loss, self._check_finite(factor.T @ factor)
+        rows = factor.flatten(0, 1)
+        if out is None:
+            return loss, self._check_finite(self._gram(rows))
+        self._check_finite(rows)
+        return loss, gram(rows, self.sum_dtype or rows.dtype, out=out)
 
     def diag(
         self, x: Inputs, y: Tensor, N: int | None = None, **kwargs: Any
@@ -439,7 +511,7 @@ class _GramInterface(CurvatureInterface, ABC):
             ValueError: For bad inputs or targets, or a curvature with NaN or Inf.
         """
         factor, loss = self._factor(x, y, **kwargs)
-        return loss, self._check_finite(factor.square().sum(dim=(0, 1)))
+        return loss, self._check_finite(self._summed(factor.square().sum(dim=(0, 1))))
 
 
 class GGNInterface(_GramInterface):
@@ -506,6 +578,76 @@ class GGNInterface(_GramInterface):
             output_grads = p.unsqueeze(1) - nn.functional.one_hot(labels, outputs).to(f.dtype)
         return output_grads / math.sqrt(self.num_samples)
 
+    def full(
+        self,
+        x: Inputs,
+        y: Tensor,
+        N: int | None = None,
+        generator: torch.Generator | None = None,
+        out: Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Tensor]:
+        """``(loss, H)`` of a batch; linear layers' blocks from their Jacobian factors.
+
+        When some parameters are weights of ``nn.Linear`` layers that see one vector per
+        sample and ``Lambda_n`` has ``k >= 2`` rows (classification, several regression
+        outputs), their blocks are Kronecker sums of per-sample factors
+        (:func:`~laplace.utils.linear_jacobians.factored_gram`, ``k`` times fewer products
+        than the Gram of the Jacobian rows); the other parameters take their per-sample
+        Jacobians. Otherwise (and for a subnetwork) the Gram of the Jacobian rows. Arguments
+        as for :meth:`_GramInterface.full`.
+
+        Shapes:
+            ``H``: ``(params, params)``
+        """
+        self._check_structure(HessianStructure.FULL)
+        sampler = self.generator if generator is None else generator
+        factored = self._factored_full(x, y, sampler, out)
+        if factored is not None:
+            return factored
+        return super().full(x, y, N=N, generator=generator, out=out, **kwargs)
+
+    def _factored_full(
+        self, x: Inputs, y: Tensor, generator: torch.Generator | None, out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor] | None:
+        """``(loss, H)`` by :func:`~laplace.utils.linear_jacobians.factored_gram`, or None
+        where it does not apply or does not pay (see :meth:`full`)."""
+        if self.subnetwork_indices is not None:
+            return None
+        self._check_inputs(x)
+        module, inputs = self._module_and_input(x)
+        named = dict(zip(self._param_names, self.params))
+        factors, f = partial_linear_factors(module, named, inputs)
+        if f.ndim != 2 or not any(len(block) == 2 for block in factors.values()):
+            return None
+        y = self._check_targets(y, f)
+        root = self._output_root(f, generator)
+        if (f.shape[1] if root is None else root.shape[1]) < 2:
+            return None
+        rest = {name: p for name, p in named.items() if name not in factors}
+        dense = iter(())
+        if rest:
+            Js, _ = self._jacobians_of(module, rest, inputs, enable_backprop=False)
+            dense = iter(Js.split([p.numel() for p in rest.values()], dim=-1))
+
+        def rows(J: Tensor) -> Tensor:
+            return J if root is None else root @ J
+
+        blocks = []
+        for name in named:
+            block = factors.get(name)
+            if block is None:
+                blocks.append((rows(next(dense)),))
+            elif len(block) == 2:
+                blocks.append((rows(block[0]), block[1]))
+            else:
+                blocks.append((rows(block[0]),))
+        for block in blocks:
+            for tensor in block:
+                self._check_finite(tensor)
+        H = factored_gram(blocks, self.sum_dtype or f.dtype, out=out)
+        return self.factor * self.lossfunc(f, y), H
+
     def diag(
         self,
         x: Inputs,
@@ -534,7 +676,7 @@ class GGNInterface(_GramInterface):
         factors, f = factored
         y = self._check_targets(y, f)
         root = self._output_root(f, self.generator if generator is None else generator)
-        h = self._restrict(factored_gram_diagonal(factors, root))
+        h = self._summed(self._restrict(factored_gram_diagonal(factors, root)))
         return self.factor * self.lossfunc(f, y), self._check_finite(h)
 
     def _factor(

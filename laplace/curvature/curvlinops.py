@@ -60,6 +60,7 @@ References:
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -80,7 +81,7 @@ with warnings.catch_warnings():
         KFACType,
     )
 
-from laplace.curvature._kfac import batch_kfac
+from laplace.curvature._kfac import PendingRows, batch_kfac
 from laplace.curvature.curvature import CurvatureInterface, EFInterface, GGNInterface
 from laplace.utils.data import Inputs, batch_size
 from laplace.utils.enums import HessianStructure
@@ -200,9 +201,10 @@ class CurvlinopsInterface(CurvatureInterface):
         return self.factor**self._scale_power
 
     def _prepare(self, x: Inputs, y: Tensor) -> tuple[nn.Module, Inputs, Tensor, Tensor]:
-        """Check a batch and return ``(module, inputs, checked y, loss)``."""
+        """Check a batch and return ``(module, inputs, checked y, loss)``, the module and
+        inputs in :attr:`sum_dtype` (see :meth:`_promoted`): the operators sum inside."""
         self._check_inputs(x)
-        module, inputs = self._module_and_input(x)
+        module, inputs = self._promoted(*self._module_and_input(x))
         with torch.no_grad():
             f = module(inputs)
         self._check_output(f)
@@ -226,14 +228,16 @@ class CurvlinopsInterface(CurvatureInterface):
 
     def _curvature_operator(
         self, x: Inputs, y: Tensor, generator: torch.Generator | None
-    ) -> tuple[Any, Tensor]:
-        """The ``full`` operator of a batch and the batch loss."""
+    ) -> tuple[Any, Tensor, Tensor]:
+        """The ``full`` operator of a batch, the batch loss, and a parameter giving the
+        device and dtype of the operator's vectors."""
         module, inputs, y, loss = self._prepare(x, y)
         operator_cls, extra = self._operator_spec(generator)
+        params = self._params_of(module)
         operator = operator_cls(
-            module, self.lossfunc, self.params, **self._operator_kwargs(inputs, y), **extra
+            module, self.lossfunc, params, **self._operator_kwargs(inputs, y), **extra
         )
-        return operator, loss
+        return operator, loss, params[0]
 
     def _sample_seed(self, generator: torch.Generator | None) -> int:
         """A seed for ``curvlinops``' sampler drawn from ``generator`` (or torch's default)."""
@@ -247,6 +251,7 @@ class CurvlinopsInterface(CurvatureInterface):
         y: Tensor,
         N: int | None = None,
         generator: torch.Generator | None = None,
+        out: Tensor | None = None,
         **kwargs: Any,
     ) -> tuple[Tensor, Tensor]:
         """Loss and dense curvature of a batch, formed from the ``curvlinops`` operator.
@@ -256,6 +261,7 @@ class CurvlinopsInterface(CurvatureInterface):
             y: The targets.
             N: Size of the data set; unused (accepted for the common interface).
             generator: Random generator for sampled curvatures (``stochastic=True``).
+            out: If given, ``H`` is added to it in place (and returned as ``H``).
             **kwargs: Unused options of other backends.
 
         Returns:
@@ -269,10 +275,11 @@ class CurvlinopsInterface(CurvatureInterface):
         """
         self._check_structure(HessianStructure.FULL)
         if self._gram_is_cheaper(x):
-            return super().full(x, y, N=N, generator=generator, **kwargs)
-        operator, loss = self._curvature_operator(x, y, generator)
-        H = _dense(operator, self._indices(), self.params[0])
-        return loss, self._check_finite(self._scale * H)
+            return super().full(x, y, N=N, generator=generator, out=out, **kwargs)
+        operator, loss, like = self._curvature_operator(x, y, generator)
+        H = self._scale * _dense(operator, self._indices(), like)
+        H = self._check_finite(self._summed(H))
+        return loss, H if out is None else out.add_(H)
 
     def _gram_is_cheaper(self, x: Inputs) -> bool:
         """Whether the exact Jacobian-Gram route of the native backend should form ``full``.
@@ -297,6 +304,7 @@ class CurvlinopsInterface(CurvatureInterface):
         y: Tensor,
         N: int,
         generator: torch.Generator | None = None,
+        out: Kron | None = None,
         **kwargs: Any,
     ) -> tuple[Tensor, Kron]:
         """Loss and K-FAC of a batch, scaled to the data set as in the module docstring.
@@ -306,6 +314,9 @@ class CurvlinopsInterface(CurvatureInterface):
             y: The targets.
             N: Size of the data set; the input-side factors are multiplied by ``M / N``.
             generator: Random generator for sampled curvatures (``stochastic=True``).
+            out: If given, the batch's factors are added to this ``Kron`` in place (it is
+                returned as ``kron``; its factors are not checked for NaN/Inf here, and the
+                input-side sums are complete only after :meth:`flush_sums`).
             **kwargs: Unused options of other backends.
 
         Returns:
@@ -323,14 +334,15 @@ class CurvlinopsInterface(CurvatureInterface):
         self._check_inputs(x)
         module, inputs = self._module_and_input(x)
         self._check_kfac_layers(module)
-        native = self._batch_kfac(module, inputs, y, N)
+        native = self._batch_kfac(module, inputs, y, N, out)
         if native is not None:
             return native
         module, inputs, y, loss = self._prepare(x, y)
+        params = self._params_of(module)
         kfac = KFACLinearOperator(
             module,
             self.lossfunc,
-            self.params,
+            params,
             **self._operator_kwargs(inputs, y),
             kfac_approx=KFACType.EXPAND,
             separate_weight_and_bias=True,
@@ -340,7 +352,7 @@ class CurvlinopsInterface(CurvatureInterface):
         inputs_side, outputs_side = _kronecker_factors(kfac)
         input_scale = y.shape[0] / N
         kfacs: list[list[Tensor]] = [[] for _ in self.params]
-        for layer, positions in kfac.compute_parameter_mapping(self.params, module).items():
+        for layer, positions in kfac.compute_parameter_mapping(params, module).items():
             B = self._check_finite(outputs_side[layer])
             for name, position in positions.items():
                 if name == "weight":
@@ -350,7 +362,31 @@ class CurvlinopsInterface(CurvatureInterface):
                     kfacs[position] = [B]
         # the loss factor is spread evenly over a block's factors (sqrt(s) on each of B and A)
         kron = Kron(kfacs)
-        return loss, kron if self._scale == 1 else kron * self._scale
+        kron = self._summed_kron(kron if self._scale == 1 else kron * self._scale)
+        if out is not None:
+            for mine, theirs in zip(out.kfacs, kron.kfacs):
+                for factor, batch_factor in zip(mine, theirs):
+                    factor.add_(batch_factor)
+            return loss, out
+        return loss, kron
+
+    _pending: PendingRows | None = None
+
+    def _pending_rows(self) -> PendingRows:
+        if self._pending is None:
+            self._pending = PendingRows()
+        return self._pending
+
+    def flush_sums(self) -> None:
+        """Finish the sums of ``kron(..., out=...)``: layer inputs of small batches are kept
+        until enough rows have gathered for an efficient float64 Gram
+        (:class:`~laplace.curvature._kfac.PendingRows`); call this before reading ``out``."""
+        if self._pending is not None:
+            self._pending.flush()
+
+    def _summed_kron(self, kron: Kron) -> Kron:
+        """``kron`` with its factors in :attr:`sum_dtype`."""
+        return Kron([[self._summed(f) for f in factors] for factors in kron.kfacs])
 
     def _kfac_rows(self, f: Tensor, y: Tensor) -> Tensor | None:
         """Rows ``R`` of the one-pass K-FAC (see :mod:`laplace.curvature._kfac`), or None
@@ -358,7 +394,7 @@ class CurvlinopsInterface(CurvatureInterface):
         raise NotImplementedError
 
     def _batch_kfac(
-        self, module: nn.Module, inputs: Inputs, y: Tensor, N: int
+        self, module: nn.Module, inputs: Inputs, y: Tensor, N: int, out: Kron | None = None
     ) -> tuple[Tensor, Kron] | None:
         """``(loss, kron)`` of a batch by :func:`~laplace.curvature._kfac.batch_kfac`, or
         None where that path does not apply and ``KFACLinearOperator`` is used."""
@@ -374,15 +410,27 @@ class CurvlinopsInterface(CurvatureInterface):
             batch["loss"] = self.factor * self.lossfunc(f, batch["y"])
             return self._kfac_rows(f, batch["y"])
 
-        result = batch_kfac(module, self.params, inputs, N, rows)
+        # the factors of the summed loss, then the loss factor s spread as in the operator
+        # path: B / sqrt(s) and sqrt(s) A for weights, B for biases
+        root_scale = math.sqrt(self._scale)
+        scales = (1 / root_scale, 1.0, root_scale)
+        result = batch_kfac(
+            module,
+            self.params,
+            inputs,
+            N,
+            rows,
+            dtype=self.sum_dtype,
+            out=None if out is None else out.kfacs,
+            scales=scales,
+            pending=None if out is None else self._pending_rows(),
+        )
         if result is None:
             return None
+        if out is not None:
+            return batch["loss"], out
         kfacs = [[self._check_finite(factor) for factor in block] for block in result[0]]
-        if self._scale == 1:
-            return batch["loss"], Kron(kfacs)
-        # the factors of the summed loss, then the loss factor spread as in the operator path
-        unscaled = Kron([[block[0] / self._scale, *block[1:]] for block in kfacs])
-        return batch["loss"], unscaled * self._scale
+        return batch["loss"], Kron(kfacs)
 
     def _check_kfac_layers(self, module: nn.Module) -> None:
         """Raise unless every parameter in ``params`` belongs to a Linear or Conv2d layer.
@@ -507,6 +555,6 @@ class CurvlinopsHessian(CurvlinopsInterface):
             ValueError: For bad inputs or targets, or a non-finite diagonal.
         """
         self._check_structure(HessianStructure.DIAG)
-        operator, loss = self._curvature_operator(x, y, None)
-        h = _diagonal(operator, self._indices(), self.params[0])
+        operator, loss, like = self._curvature_operator(x, y, None)
+        h = _diagonal(operator, self._indices(), like)
         return loss, self._check_finite(self._scale * h)

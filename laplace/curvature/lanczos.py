@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from laplace.utils.data import Inputs, batch_size, unpack_batch
+from laplace.utils.data import Inputs, batch_size, cast_inputs, unpack_batch
 
 __all__ = ["curvature_matvec", "default_max_iter", "lanczos_eigh"]
 
@@ -243,22 +243,35 @@ def _lanczos_steps(
 class _UnpackedBatches:
     """Re-iterable ``(X, y)`` batches of a data loader, unpacked as in ``fit``."""
 
-    def __init__(self, loader: Iterable, dict_key_x: str, dict_key_y: str, device: Any) -> None:
+    def __init__(
+        self,
+        loader: Iterable,
+        dict_key_x: str,
+        dict_key_y: str,
+        device: Any,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         self.loader = loader
         self.dict_key_x = dict_key_x
         self.dict_key_y = dict_key_y
         self.device = device
+        self.dtype = dtype
 
     def __iter__(self) -> Iterator[tuple[Inputs, Tensor]]:
         for batch in self.loader:
-            yield unpack_batch(batch, self.dict_key_x, self.dict_key_y, self.device)
+            X, y = unpack_batch(batch, self.dict_key_x, self.dict_key_y, self.device)
+            if self.dtype is not None:
+                X, y = cast_inputs(X, self.dtype), cast_inputs(y, self.dtype)
+            yield X, y
 
 
 def curvature_matvec(backend: Any, loader: Iterable, n_data: int) -> Matvec:
     """``v -> H v`` for the curvature ``H`` of ``backend`` summed over ``loader``.
 
     ``H`` is the curvature of the library loss (``factor * sum_n loss_n``) over every batch,
-    the sum of what ``backend.full`` returns per batch, without forming it. Sampled
+    the sum of what ``backend.full`` returns per batch, without forming it; the products run
+    in the backend's ``sum_dtype`` (on a copy of the model in it, see
+    ``CurvatureInterface._promoted``), like the curvature the other structures sum. Sampled
     curvatures (``stochastic=True``) draw their targets from a fixed seed per product, so
     the loader must yield the batches in the same order every time (no shuffling).
 
@@ -272,13 +285,16 @@ def curvature_matvec(backend: Any, loader: Iterable, n_data: int) -> Matvec:
         The product, a function of a vector ``(params,)`` returning ``(params,)``.
     """
     operator_cls, extra = backend._operator_spec(None)
+    model, _ = backend._promoted(backend.model, None)  # see CurvatureInterface._promoted
+    params = backend._params_of(model)
+    dtype = params[0].dtype if params[0].dtype != backend.params[0].dtype else None
     data = _UnpackedBatches(
-        loader, backend.dict_key_x, backend.dict_key_y, backend.params[0].device
+        loader, backend.dict_key_x, backend.dict_key_y, backend.params[0].device, dtype
     )
     operator = operator_cls(
-        backend.model,
+        model,
         backend.lossfunc,
-        backend.params,
+        params,
         data,
         check_deterministic=False,
         num_data=n_data,
@@ -288,6 +304,6 @@ def curvature_matvec(backend: Any, loader: Iterable, n_data: int) -> Matvec:
     scale = backend._scale
 
     def matvec(v: Tensor) -> Tensor:
-        return scale * (operator @ v)
+        return scale * (operator @ v.to(params[0].dtype)).to(v.dtype)
 
     return matvec

@@ -18,13 +18,15 @@ and a curvature backend.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from laplace.utils.enums import HessianStructure
+from laplace.utils.precision import accumulation_dtype, compute_dtype
 
 __all__ = ["Curvature", "NotPositiveDefiniteError", "Posterior", "expand_prior"]
 
@@ -73,16 +75,51 @@ class Posterior(ABC):
     """Gaussian posterior precision ``P`` with the prior applied.
 
     All methods are differentiable in the prior precision and the likelihood factor the
-    posterior was built with.
+    posterior was built with. ``P`` is held in the curvature's accumulation precision
+    (float64 for float32 models, see :mod:`laplace.utils.precision`). Every method takes
+    tensors of the model's dtype, :attr:`dtype`, and returns that dtype, except the two
+    scalar reductions that enter the marginal likelihood, :meth:`logdet` and :meth:`quad`:
+    they return the accumulation precision, and their callers cast the final result.
+
+    Attributes:
+        dtype: The model's dtype, that of every returned tensor.
     """
+
+    dtype: torch.dtype = torch.float64
+    _precise: bool = False
+
+    def _out(self, tensor: Tensor) -> Tensor:
+        """``tensor`` cast to the model's dtype (differentiably); unchanged in
+        :meth:`precise` mode."""
+        return tensor if self._precise else tensor.to(self.dtype)
+
+    @property
+    def _work_dtype(self) -> torch.dtype:
+        """The dtype of products with data-sized inputs (:func:`compute_dtype`), the
+        accumulation precision in :meth:`precise` mode."""
+        if self._precise:
+            return accumulation_dtype(self.dtype)
+        return compute_dtype(self.dtype)
+
+    @contextmanager
+    def precise(self) -> Iterator[None]:
+        """Within this context every product runs, and every result is returned, in the
+        accumulation precision: for consumers that cancel, such as the Laplace bridge's
+        conditioning on ``sum(f) = 0``, which subtracts the large variance of the
+        softmax-invariant direction."""
+        previous, self._precise = self._precise, True
+        try:
+            yield
+        finally:
+            self._precise = previous
 
     @abstractmethod
     def logdet(self) -> Tensor:
-        """``log det P`` as a scalar tensor."""
+        """``log det P`` as a scalar tensor, in the accumulation precision."""
 
     @abstractmethod
     def quad(self, v: Tensor) -> Tensor:
-        """``v^T P v`` for each row of ``v``.
+        """``v^T P v`` for each row of ``v``, in the accumulation precision.
 
         Shapes:
             ``(params,) -> ()`` or ``(n, params) -> (n,)``
@@ -136,9 +173,14 @@ class Posterior(ABC):
 class Curvature(ABC):
     """Accumulated likelihood curvature ``H`` of one structure.
 
+    The sums are kept in the accumulation precision of the model's dtype (float64 for
+    float32 models, :func:`~laplace.utils.precision.accumulation_dtype`); :meth:`public`
+    returns them in the model's dtype, :attr:`dtype`.
+
     Attributes:
         structure: The Hessian structure this class stores.
         sizes: Number of parameters per layer (parameter tensor), in order.
+        dtype: The model's dtype, that of :meth:`public` and of the posteriors' results.
         assume_psd: Whether ``H`` is positive semi-definite by construction (GGN, Fisher), so
             that negative eigenvalues can only be round-off.
         memo: While ``H`` is fixed and only the prior changes (a gridsearch), an object with
@@ -150,8 +192,17 @@ class Curvature(ABC):
     assume_psd: bool = True
     memo: Any = None
 
-    def __init__(self, sizes: Sequence[int]) -> None:
+    def __init__(self, sizes: Sequence[int], dtype: torch.dtype | None = None) -> None:
         self.sizes = list(sizes)
+        self.dtype = dtype
+
+    @staticmethod
+    def _storage(reference: Tensor) -> dict[str, object]:
+        """``device`` and ``dtype`` of the sums for parameters like ``reference``."""
+        return {
+            "device": reference.device,
+            "dtype": accumulation_dtype(reference.dtype, reference.device),
+        }
 
     @property
     def n_params(self) -> int:
@@ -186,6 +237,10 @@ class Curvature(ABC):
     @abstractmethod
     def to_dense(self) -> Tensor:
         """``H`` as a dense ``(params, params)`` matrix."""
+
+    @abstractmethod
+    def is_finite(self) -> bool:
+        """Whether every stored number of ``H`` is finite."""
 
     @abstractmethod
     def state_dict(self) -> dict[str, Tensor | list]:

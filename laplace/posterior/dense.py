@@ -1,10 +1,19 @@
 """Dense curvature and posterior precision.
 
-``H`` is stored as a ``(params, params)`` matrix. For a scalar prior precision ``delta`` the
+``H`` is stored as a ``(params, params)`` matrix in the accumulation precision (float64 for
+float32 models, :mod:`laplace.utils.precision`). For a scalar prior precision ``delta`` the
 posterior shares the eigenbasis of ``H = V diag(l) V^T``, which is computed once and cached on
 the curvature, so ``P = V diag(factor * l + delta) V^T`` costs O(params) per new prior or
 likelihood factor (the staging used for prior tuning in laplax). Layerwise and per-parameter
 priors break the shared eigenbasis and use a Cholesky factorisation of ``P`` instead.
+
+Precision of the predictive: with the eigenbasis, ``J P^-1 J^T`` is a sum of non-negative
+terms ``(J v_i)^2 / (factor * l_i + delta)``, so the rotation ``J V`` runs in the model's
+dtype (an error of order ``eps |J|`` per coordinate, the inputs' own). A triangular solve
+with the Cholesky factor, or a quadratic form in an explicit ``P^-1`` (the last-layer
+path), is not of that form: its float32 round-off is about ``eps * lambda_max`` relative to
+``P``, which the small eigenvalues of ``P`` amplify. Those run in the accumulation
+precision.
 """
 
 from __future__ import annotations
@@ -16,7 +25,9 @@ import torch
 from torch import Tensor
 
 from laplace.posterior.base import Curvature, NotPositiveDefiniteError, Posterior, expand_prior
+from laplace.utils.data import all_finite
 from laplace.utils.enums import HessianStructure
+from laplace.utils.precision import accumulation_dtype
 from laplace.utils.utils import stable_eigh
 
 __all__ = [
@@ -33,7 +44,7 @@ _CHUNK_ENTRIES = 2**24
 
 def _scalar_factor(factor: Tensor | float, reference: Tensor) -> Tensor:
     """The likelihood factor as a 0-d tensor on the device and dtype of ``reference``."""
-    factor = torch.as_tensor(factor, device=reference.device, dtype=reference.dtype)
+    factor = torch.as_tensor(factor, device=reference.device).to(reference.dtype)
     if factor.numel() != 1:
         raise ValueError(f"factor must be a scalar, got shape {tuple(factor.shape)}")
     return factor.reshape(())
@@ -98,18 +109,22 @@ class DensePosterior(Posterior):
     ``R R^T = P^-1``; the inverse quadratic forms and samples follow from them.
 
     Args:
-        H: Likelihood curvature.
-        factor: Likelihood factor, a 0-d tensor.
-        prior_diag: Per-parameter prior precision.
+        H: Likelihood curvature, in the accumulation precision.
+        factor: Likelihood factor, a 0-d tensor (of ``H``'s dtype).
+        prior_diag: Per-parameter prior precision (of ``H``'s dtype).
+        dtype: The model's dtype, of every returned tensor (default ``H``'s).
 
     Shapes:
         ``H: (params, params)``, ``prior_diag: (params,)``
     """
 
-    def __init__(self, H: Tensor, factor: Tensor, prior_diag: Tensor) -> None:
+    def __init__(
+        self, H: Tensor, factor: Tensor, prior_diag: Tensor, dtype: torch.dtype | None = None
+    ) -> None:
         self._H = H
         self._factor = factor
         self._prior_diag = prior_diag
+        self.dtype = H.dtype if dtype is None else dtype
         self._dense: Tensor | None = None
         self._covariance: Tensor | None = None
 
@@ -119,7 +134,8 @@ class DensePosterior(Posterior):
 
     @abstractmethod
     def _whiten(self, Js: Tensor) -> Tensor:
-        """``Js R`` with ``R R^T = P^-1``, so that ``J P^-1 J^T = W W^T``.
+        """``Js R`` with ``R R^T = P^-1``, so that ``J P^-1 J^T = W W^T``, in the precision
+        the subclass needs (see the module docstring).
 
         Shapes:
             ``(..., rows, params) -> (..., rows, params)``
@@ -127,7 +143,8 @@ class DensePosterior(Posterior):
 
     @abstractmethod
     def _color(self, noise: Tensor) -> Tensor:
-        """Rows ``z`` mapped to ``z R^T`` with ``R R^T = P^-1`` (covariance ``P^-1``).
+        """Rows ``z`` mapped to ``z R^T`` with ``R R^T = P^-1`` (covariance ``P^-1``), in the
+        accumulation precision.
 
         Shapes:
             ``(n_samples, params) -> (n_samples, params)``
@@ -136,12 +153,12 @@ class DensePosterior(Posterior):
     def inv_quad(self, Js: Tensor) -> Tensor:
         _check_rows(Js, (3,), self.n_params, "Js")
         whitened = self._whiten(Js)
-        return whitened @ whitened.mT
+        return self._out(whitened @ whitened.mT)
 
     def inv_quad_joint(self, Js: Tensor) -> Tensor:
         _check_rows(Js, (2,), self.n_params, "Js")
         whitened = self._whiten(Js)
-        return whitened @ whitened.mT
+        return self._out(whitened @ whitened.mT)
 
     def sample(self, n_samples: int, generator: torch.Generator | None = None) -> Tensor:
         noise = torch.randn(
@@ -151,12 +168,16 @@ class DensePosterior(Posterior):
             device=self._H.device,
             dtype=self._H.dtype,
         )
-        return self._color(noise)
+        return self._out(self._color(noise))
 
-    def precision(self) -> Tensor:
+    def _precision(self) -> Tensor:
+        """``P`` in the accumulation precision, ``(params, params)``."""
         if self._dense is None:
             self._dense = self._factor * self._H + torch.diag(self._prior_diag)
         return self._dense
+
+    def precision(self) -> Tensor:
+        return self._out(self._precision())
 
     def scale(self) -> Tensor:
         """Lower-triangular ``L`` with ``L L^T = P^-1``.
@@ -167,9 +188,9 @@ class DensePosterior(Posterior):
         Shapes:
             ``-> (params, params)``
         """
-        upper = _cholesky(self.precision().flip(-2, -1)).flip(-2, -1)
+        upper = _cholesky(self._precision().flip(-2, -1)).flip(-2, -1)
         identity = torch.eye(self.n_params, device=upper.device, dtype=upper.dtype)
-        return torch.linalg.solve_triangular(upper, identity, upper=True).mT
+        return self._out(torch.linalg.solve_triangular(upper, identity, upper=True).mT)
 
     def to_dense(self) -> Tensor:
         return self.precision()
@@ -181,7 +202,7 @@ class DensePosterior(Posterior):
             ``-> (outputs, features + bias, outputs, features + bias)``
         """
         if self._covariance is None:
-            self._covariance = self.covariance()
+            self._covariance = self._covariance_matrix()
         covariance = self._covariance
         device = covariance.device
         weight = torch.arange(n_outputs * n_features, device=device).view(n_outputs, n_features)
@@ -212,13 +233,13 @@ class DensePosterior(Posterior):
         """
         n_outputs = linear_layer_outputs(self.n_params, phi, bias)
         blocks = self._covariance_blocks(n_outputs, phi.shape[1], bias)
-        phi = _with_ones(phi, bias)
+        phi = _with_ones(phi, bias).to(blocks.dtype)
         if diagonal:
-            return torch.einsum("ni,ijc,nj->nc", phi, blocks.diagonal(dim1=0, dim2=2), phi)
+            diagonal_blocks = blocks.diagonal(dim1=0, dim2=2)
+            return self._out(torch.einsum("ni,ijc,nj->nc", phi, diagonal_blocks, phi))
         rows = max(1, _CHUNK_ENTRIES * phi.shape[1] // blocks.numel())
-        return torch.cat(
-            [torch.einsum("ni,cidj,nj->ncd", chunk, blocks, chunk) for chunk in phi.split(rows)]
-        )
+        parts = [torch.einsum("ni,cidj,nj->ncd", part, blocks, part) for part in phi.split(rows)]
+        return self._out(torch.cat(parts))
 
     def inv_quad_linear_joint(self, phi: Tensor, bias: bool) -> Tensor:
         """Joint ``J P^-1 J^T`` across a batch for the Jacobians of a linear layer.
@@ -235,18 +256,26 @@ class DensePosterior(Posterior):
         """
         n_outputs = linear_layer_outputs(self.n_params, phi, bias)
         blocks = self._covariance_blocks(n_outputs, phi.shape[1], bias)
-        phi = _with_ones(phi, bias)
+        phi = _with_ones(phi, bias).to(blocks.dtype)
         joint = torch.einsum("ni,cidj,mj->ncmd", phi, blocks, phi)
-        return joint.reshape(phi.shape[0] * n_outputs, -1)
+        return self._out(joint.reshape(phi.shape[0] * n_outputs, -1))
+
+    @abstractmethod
+    def _covariance_matrix(self) -> Tensor:
+        """``P^-1`` in the accumulation precision, ``(params, params)``."""
+
+    def covariance(self) -> Tensor:
+        return self._out(self._covariance_matrix())
 
 
 class DenseCholeskyPosterior(DensePosterior):
     """Dense posterior through the Cholesky factor ``P = C C^T``, for any prior shape.
 
     Args:
-        H: Likelihood curvature.
+        H: Likelihood curvature, in the accumulation precision.
         factor: Likelihood factor, a 0-d tensor.
         prior_diag: Per-parameter prior precision.
+        dtype: The model's dtype (default ``H``'s).
 
     Shapes:
         ``H: (params, params)``, ``prior_diag: (params,)``
@@ -255,29 +284,34 @@ class DenseCholeskyPosterior(DensePosterior):
         ValueError: If ``P`` is not positive definite.
     """
 
-    def __init__(self, H: Tensor, factor: Tensor, prior_diag: Tensor) -> None:
-        super().__init__(H, factor, prior_diag)
-        self._lower = _cholesky(self.precision())
+    def __init__(
+        self, H: Tensor, factor: Tensor, prior_diag: Tensor, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__(H, factor, prior_diag, dtype)
+        self._lower = _cholesky(self._precision())
 
     def logdet(self) -> Tensor:
         return 2 * self._lower.diagonal().log().sum()
 
     def quad(self, v: Tensor) -> Tensor:
         _check_rows(v, (1, 2), self.n_params, "v")
-        return ((v @ self.precision()) * v).sum(-1)
+        v = v.to(self._H.dtype)
+        return ((v @ self._precision()) * v).sum(-1)
 
     def _whiten(self, Js: Tensor) -> Tensor:
+        Js = Js.to(self._H.dtype)
         return torch.linalg.solve_triangular(self._lower.mT, Js, upper=True, left=False)
 
     def _color(self, noise: Tensor) -> Tensor:
         return torch.linalg.solve_triangular(self._lower, noise, upper=False, left=False)
 
-    def covariance(self) -> Tensor:
+    def _covariance_matrix(self) -> Tensor:
         return torch.cholesky_inverse(self._lower)
 
     def variance(self) -> Tensor:
         identity = torch.eye(self.n_params, device=self._H.device, dtype=self._H.dtype)
-        return torch.linalg.solve_triangular(self._lower, identity, upper=False).square().sum(0)
+        inverse = torch.linalg.solve_triangular(self._lower, identity, upper=False)
+        return self._out(inverse.square().sum(0))
 
 
 class DenseEigenPosterior(DensePosterior):
@@ -286,11 +320,14 @@ class DenseEigenPosterior(DensePosterior):
     Gradients flow through the shifted eigenvalues only; the eigenvectors are constants.
 
     Args:
-        H: Likelihood curvature.
+        H: Likelihood curvature, in the accumulation precision.
         factor: Likelihood factor, a 0-d tensor.
         prior: Scalar prior precision, a 0-d tensor.
         eigenvalues: Eigenvalues ``l`` of ``H``.
         eigenvectors: Eigenvectors ``V`` of ``H`` (columns).
+        rotate: ``Js -> Js V`` in the dtype of ``Js`` (the curvature's, which caches ``V``
+            in that dtype); default ``Js @ V`` with ``V`` cast.
+        dtype: The model's dtype (default ``H``'s).
 
     Shapes:
         ``H, eigenvectors: (params, params)``, ``eigenvalues: (params,)``
@@ -307,8 +344,9 @@ class DenseEigenPosterior(DensePosterior):
         eigenvalues: Tensor,
         eigenvectors: Tensor,
         rotate: Callable[[Tensor], Tensor] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(H, factor, prior.expand(H.shape[0]))
+        super().__init__(H, factor, prior.expand(H.shape[0]), dtype)
         self._rotate = rotate
         self._eigenvectors = eigenvectors
         self._eigenvalues = factor * eigenvalues + prior
@@ -325,28 +363,36 @@ class DenseEigenPosterior(DensePosterior):
 
     def quad(self, v: Tensor) -> Tensor:
         _check_rows(v, (1, 2), self.n_params, "v")
-        return ((v @ self._eigenvectors).square() * self._eigenvalues).sum(-1)
+        rotated = v.to(self._H.dtype) @ self._eigenvectors
+        return (rotated.square() * self._eigenvalues).sum(-1)
 
     def _whiten(self, Js: Tensor) -> Tensor:
-        rotated = Js @ self._eigenvectors if self._rotate is None else self._rotate(Js)
-        return rotated * self._eigenvalues.rsqrt()
+        """``J V diag(factor * l + delta)^-1/2`` in the model's (work) dtype: a sum of
+        non-negative terms follows (see the module docstring)."""
+        Js = Js.to(self._work_dtype)
+        if self._rotate is None:
+            rotated = Js @ self._eigenvectors.to(Js.dtype)
+        else:
+            rotated = self._rotate(Js)
+        return rotated * self._eigenvalues.rsqrt().to(rotated.dtype)
 
     def _color(self, noise: Tensor) -> Tensor:
         return (noise * self._eigenvalues.rsqrt()) @ self._eigenvectors.mT
 
-    def covariance(self) -> Tensor:
+    def _covariance_matrix(self) -> Tensor:
         return (self._eigenvectors * self._eigenvalues.reciprocal()) @ self._eigenvectors.mT
 
     def variance(self) -> Tensor:
-        return self._eigenvectors.square() @ self._eigenvalues.reciprocal()
+        return self._out(self._eigenvectors.square() @ self._eigenvalues.reciprocal())
 
 
 class DenseCurvature(Curvature):
     """Accumulated dense curvature ``H`` with a cached eigendecomposition.
 
     Args:
-        H: The curvature matrix.
+        H: The curvature matrix; kept in the accumulation precision of its dtype.
         sizes: Number of parameters per layer (parameter tensor).
+        dtype: The model's dtype (default ``H``'s).
 
     Shapes:
         ``H: (params, params)``
@@ -357,13 +403,18 @@ class DenseCurvature(Curvature):
 
     structure = HessianStructure.FULL
 
-    def __init__(self, H: Tensor, sizes: Sequence[int]) -> None:
-        super().__init__(sizes)
+    def __init__(self, H: Tensor, sizes: Sequence[int], dtype: torch.dtype | None = None) -> None:
+        super().__init__(sizes, H.dtype if dtype is None else dtype)
         expected = (self.n_params, self.n_params)
         if tuple(H.shape) != expected:
             raise ValueError(f"H must have shape {expected}, got {tuple(H.shape)}")
-        self.H = H
+        self.H = H.to(accumulation_dtype(self.dtype, H.device))
+        self._invalidate()
+
+    def _invalidate(self) -> None:
         self._eigen: tuple[Tensor, Tensor] | None = None
+        self._public: Tensor | None = None
+        self._work_vectors: Tensor | None = None
 
     @classmethod
     def zeros(cls, params: Sequence[Tensor]) -> DenseCurvature:
@@ -375,9 +426,8 @@ class DenseCurvature(Curvature):
         if len(params) == 0:
             raise ValueError("params must contain at least one tensor, got none")
         sizes = [p.numel() for p in params]
-        reference = params[0]
-        H = torch.zeros(sum(sizes), sum(sizes), device=reference.device, dtype=reference.dtype)
-        return cls(H, sizes)
+        H = torch.zeros(sum(sizes), sum(sizes), **cls._storage(params[0]))
+        return cls(H, sizes, dtype=params[0].dtype)
 
     def add_(self, H_batch: Tensor) -> None:
         """Add one batch's dense curvature in place.
@@ -395,8 +445,8 @@ class DenseCurvature(Curvature):
             raise ValueError(
                 f"H_batch must have shape {tuple(self.H.shape)}, got {tuple(H_batch.shape)}"
             )
-        self.H.add_(H_batch)
-        self._eigen = None
+        self.H.add_(H_batch.to(device=self.H.device))
+        self._invalidate()
 
     def eigendecomposition(self) -> tuple[Tensor, Tensor]:
         """Eigenvalues and eigenvectors of ``H``, computed once per change of ``H``.
@@ -430,27 +480,47 @@ class DenseCurvature(Curvature):
                 posterior precision is not positive definite.
         """
         factor = _scalar_factor(factor, self.H)
-        prior = torch.as_tensor(prior_precision, device=self.H.device, dtype=self.H.dtype)
+        prior = torch.as_tensor(prior_precision, device=self.H.device).to(self.H.dtype)
         if prior.numel() == 1:
             eigenvalues, eigenvectors = self.eigendecomposition()
             return DenseEigenPosterior(
-                self.H, factor, prior.reshape(()), eigenvalues, eigenvectors, self._rotate
+                self.H,
+                factor,
+                prior.reshape(()),
+                eigenvalues,
+                eigenvectors,
+                self._rotate,
+                dtype=self.dtype,
             )
-        return DenseCholeskyPosterior(self.H, factor, expand_prior(prior, self.sizes))
+        prior_diag = expand_prior(prior, self.sizes)
+        return DenseCholeskyPosterior(self.H, factor, prior_diag, dtype=self.dtype)
 
     def _rotate(self, Js: Tensor) -> Tensor:
-        """``Js V`` in the eigenbasis of ``H``; kept in :attr:`memo` while it is set (the
-        product does not depend on the prior, only its scaling does)."""
+        """``Js V`` in the eigenbasis of ``H``, in the dtype of ``Js`` (``V`` is cast once);
+        kept in :attr:`memo` while it is set (the product does not depend on the prior, only
+        its scaling does)."""
         vectors = self.eigendecomposition()[1]
-        if self.memo is None or Js.requires_grad:
+        if vectors.dtype != Js.dtype:
+            if self._work_vectors is None or self._work_vectors.dtype != Js.dtype:
+                self._work_vectors = vectors.to(Js.dtype)
+            vectors = self._work_vectors
+        if self.memo is None or Js.requires_grad or Js.dtype != self.dtype:
             return Js @ vectors
         return self.memo.get("rotated", Js, lambda: Js @ vectors)
 
     def public(self) -> Tensor:
-        return self.H
+        """``H`` in the model's dtype (a cached copy when that is not the storage's)."""
+        if self.H.dtype == self.dtype:
+            return self.H
+        if self._public is None:
+            self._public = self.H.to(self.dtype)
+        return self._public
 
     def to_dense(self) -> Tensor:
         return self.H
+
+    def is_finite(self) -> bool:
+        return all_finite(self.H)
 
     def state_dict(self) -> dict[str, Tensor | list]:
         return {"H": self.H}
@@ -464,4 +534,4 @@ class DenseCurvature(Curvature):
                 f"state 'H' must have shape {tuple(self.H.shape)}, got {tuple(H.shape)}"
             )
         self.H = H.to(device=self.H.device, dtype=self.H.dtype, copy=True)
-        self._eigen = None
+        self._invalidate()

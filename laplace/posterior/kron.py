@@ -1,10 +1,16 @@
 """Kronecker-factored (K-FAC) curvature and posterior precision.
 
-The curvature is a :class:`~laplace.utils.matrix.Kron` summed over batches. Its factors are
-eigendecomposed once and the decomposition is cached, so every new prior precision or
-likelihood factor only rescales eigenvalues and adds per-block deltas (Ritter et al., ICLR
-2018; Immer et al., ICML 2021). The posterior therefore supports scalar and layerwise prior
-precisions only.
+The curvature is a :class:`~laplace.utils.matrix.Kron` summed over batches, its factors kept
+in the accumulation precision (float64 for float32 models, :mod:`laplace.utils.precision`).
+The factors are eigendecomposed once and the decomposition is cached, so every new prior
+precision or likelihood factor only rescales eigenvalues and adds per-block deltas (Ritter et
+al., ICLR 2018; Immer et al., ICML 2021). The posterior therefore supports scalar and
+layerwise prior precisions only.
+
+In the factors' eigenbasis every inverse quadratic form ``J P^-1 J^T`` is a sum of
+non-negative terms ``(J q_i)^2 / lambda_i``, so the predictive rotates the Jacobians (or the
+features) in the model's dtype with the eigenvectors cast once; log-determinants, samples and
+dense matrices are computed in the accumulation precision.
 """
 
 from __future__ import annotations
@@ -16,11 +22,30 @@ from torch import Tensor
 
 from laplace.posterior.base import Curvature, Posterior
 from laplace.posterior.dense import linear_layer_outputs
+from laplace.utils.data import all_finite
 from laplace.utils.enums import HessianStructure
 from laplace.utils.matrix import Kron, KronDecomposed
+from laplace.utils.precision import accumulation_dtype, compute_dtype
 from laplace.utils.utils import psd_eigenvalues
 
+
+def _cast(decomposed: KronDecomposed, dtype: torch.dtype) -> KronDecomposed:
+    """``decomposed`` with every tensor in ``dtype`` (itself if it already is)."""
+    if decomposed.deltas.dtype == dtype:
+        return decomposed
+    return KronDecomposed(
+        [[q.to(dtype) for q in vectors] for vectors in decomposed.eigenvectors],
+        [[v.to(dtype) for v in values] for values in decomposed.eigenvalues],
+        decomposed.deltas.to(dtype),
+        damping=decomposed.damping,
+    )
+
+
 __all__ = ["KronCurvature", "KronPosterior"]
+
+
+def _all_factors(kron: Kron) -> list[Tensor]:
+    return [f for factors in kron.kfacs for f in factors]
 
 
 class KronPosterior(Posterior):
@@ -31,16 +56,28 @@ class KronPosterior(Posterior):
         spectrum: ``(e, factor, prior, counts)``: the eigenvalues ``e`` of ``H`` block by
             block, the factor, the scalar or per-block prior and the block sizes, when ``P``
             has the eigenvalues ``factor * e + prior`` (no damping).
+        dtype: The model's dtype, of every returned tensor (default that of ``P``).
+        work: ``P`` in the model's (work) dtype for the predictive, or a callable returning
+            it (default: ``P`` cast).
     """
 
     def __init__(
         self,
         precision: KronDecomposed | Callable[[], KronDecomposed],
         spectrum: tuple[Tensor, Tensor | float, Tensor, Tensor] | None = None,
+        dtype: torch.dtype | None = None,
+        work: Callable[[], KronDecomposed] | None = None,
     ) -> None:
         self._build = precision if callable(precision) else None
         self._built = None if callable(precision) else precision
         self._spectrum = spectrum
+        self._dtype = dtype
+        self._build_work = work
+        self._work: KronDecomposed | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._precision.deltas.dtype if self._dtype is None else self._dtype
 
     @property
     def _precision(self) -> KronDecomposed:
@@ -50,12 +87,27 @@ class KronPosterior(Posterior):
             self._built = self._build()
         return self._built
 
+    @property
+    def _work_precision(self) -> KronDecomposed:
+        """``P`` in the work dtype of the predictive (see the module docstring)."""
+        if self._precise:
+            return self._precision
+        if self._work is None:
+            if self._build_work is not None:
+                self._work = self._build_work()
+            else:
+                self._work = _cast(self._precision, self._work_dtype)
+        return self._work
+
     def logdet(self) -> Tensor:
         """``log det P``; from the cached spectrum of ``H`` when the curvature passed it.
 
         ``P = factor * H + prior`` has the eigenvalues ``factor * e + prior`` for the
         eigenvalues ``e`` of ``H`` (without damping), so a marginal-likelihood step costs a
         few operations on one vector instead of rebuilding every block's outer product.
+        The terms ``log(factor * e + prior)`` are computed in the model's (work) dtype: each
+        carries a few units of its round-off, and torch's cascade summation of them adds no
+        more than that.
         """
         if self._spectrum is None:
             return self._precision.logdet()
@@ -64,16 +116,21 @@ class KronPosterior(Posterior):
         prior = prior.to(eigenvalues)
         if prior.numel() > 1:
             prior = prior.repeat_interleave(counts)
-        return (factor * eigenvalues + prior).log().sum()
+        total = (factor * eigenvalues + prior).log().sum()
+        return total.to(accumulation_dtype(total.dtype, total.device))
 
     def quad(self, v: Tensor) -> Tensor:
+        v = v.to(self._precision.deltas.dtype)
         return (v * self._precision.bmm(v, exponent=1)).sum(-1)
 
     def inv_quad(self, Js: Tensor) -> Tensor:
-        return self._precision.inv_square_form(Js)
+        return self._out(self._work_precision.inv_square_form(Js.to(self._work_dtype)))
 
     def inv_quad_joint(self, Js: Tensor) -> Tensor:
-        return self._precision.bmm(Js, exponent=-1) @ Js.mT
+        """Joint ``J P^-1 J^T`` as the Gram of ``J Q diag(lambda)^-1/2`` (non-negative terms,
+        see the module docstring)."""
+        rows = Js.to(self._work_dtype).unsqueeze(0)
+        return self._out(self._work_precision.inv_square_form(rows)[0])
 
     def sample(self, n_samples: int, generator: torch.Generator | None = None) -> Tensor:
         reference = self._precision.deltas
@@ -84,22 +141,35 @@ class KronPosterior(Posterior):
             device=reference.device,
             dtype=reference.dtype,
         )
-        return self._precision.bmm(noise, exponent=-0.5)
+        return self._out(self._precision.bmm(noise, exponent=-0.5))
 
     def precision(self) -> KronDecomposed:
-        return self._precision
+        """``P`` as a :class:`~laplace.utils.matrix.KronDecomposed` in the model's dtype."""
+        return _cast(self._precision, self.dtype)
 
     def covariance(self) -> Tensor:
-        return self._precision.to_matrix(exponent=-1)
+        return self._out(self._precision.to_matrix(exponent=-1))
 
     def scale(self) -> Tensor:
-        return self._precision.to_matrix(exponent=-0.5)
+        return self._out(self._precision.to_matrix(exponent=-0.5))
 
     def variance(self) -> Tensor:
-        return self._precision.diag(exponent=-1)
+        return self._out(self._precision.diag(exponent=-1))
 
     def to_dense(self) -> Tensor:
-        return self._precision.to_matrix(exponent=1)
+        return self._out(self._precision.to_matrix(exponent=1))
+
+    def inv_quad_factored(self, factors: Sequence[tuple[Tensor, ...]]) -> Tensor:
+        """``J P^-1 J^T`` per sample from Kronecker-factored Jacobians (see
+        :meth:`~laplace.utils.matrix.KronDecomposed.inv_square_form_factored`), in the work
+        dtype.
+
+        Shapes:
+            ``-> (batch, outputs, outputs)``
+        """
+        work = self._work_dtype
+        factors = [tuple(t.to(work) for t in block) for block in factors]
+        return self._out(self._work_precision.inv_square_form_factored(factors))
 
     def _linear_factors(
         self, phi: Tensor, bias: bool
@@ -119,7 +189,7 @@ class KronPosterior(Posterior):
         Raises:
             ValueError: If the blocks are not those of a linear layer on ``phi``.
         """
-        precision = self._precision
+        precision = self._work_precision
         n_outputs = linear_layer_outputs(precision.n_params, phi, bias)
         expected = [[n_outputs, phi.shape[1]]] + ([[n_outputs]] if bias else [])
         got = [[v.shape[0] for v in values] for values in precision.eigenvalues]
@@ -154,6 +224,7 @@ class KronPosterior(Posterior):
         Raises:
             ValueError: If the blocks are not those of a linear layer on ``phi``.
         """
+        phi = phi.to(self._work_dtype)
         output_vectors, rotated, inverse, bias_covariance = self._linear_factors(phi, bias)
         scaled = rotated.square() @ inverse.mT
         if diagonal:
@@ -162,7 +233,7 @@ class KronPosterior(Posterior):
         else:
             variance = (output_vectors * scaled.unsqueeze(-2)) @ output_vectors.mT
             extra = bias_covariance
-        return variance if extra is None else variance + extra
+        return self._out(variance if extra is None else variance + extra)
 
     def inv_quad_linear_joint(self, phi: Tensor, bias: bool) -> Tensor:
         """Joint ``J P^-1 J^T`` across a batch for the Jacobians of a linear layer.
@@ -173,47 +244,61 @@ class KronPosterior(Posterior):
         Raises:
             ValueError: If the blocks are not those of a linear layer on ``phi``.
         """
+        phi = phi.to(self._work_dtype)
         output_vectors, rotated, inverse, bias_covariance = self._linear_factors(phi, bias)
         per_direction = torch.einsum("nb,mb,ab->anm", rotated, rotated, inverse)
         joint = torch.einsum("ca,da,anm->ncmd", output_vectors, output_vectors, per_direction)
         if bias_covariance is not None:
             joint = joint + bias_covariance[:, None, :]
-        return joint.reshape(phi.shape[0] * output_vectors.shape[0], -1)
+        return self._out(joint.reshape(phi.shape[0] * output_vectors.shape[0], -1))
 
 
 class KronCurvature(Curvature):
     """Accumulated K-FAC curvature ``H`` with a cached eigendecomposition.
 
     Args:
-        H: The Kronecker-factored curvature.
+        H: The Kronecker-factored curvature; its factors are kept in the accumulation
+            precision of their dtype.
         damping: Build posteriors whose prior is added to the factors' eigenvalues
             (see :class:`~laplace.utils.matrix.KronDecomposed`).
+        dtype: The model's dtype (default that of the factors).
     """
 
     structure = HessianStructure.KRON
 
-    def __init__(self, H: Kron, damping: bool = False) -> None:
-        super().__init__(H.sizes)
+    def __init__(self, H: Kron, damping: bool = False, dtype: torch.dtype | None = None) -> None:
+        first = H.kfacs[0][0]
+        super().__init__(H.sizes, first.dtype if dtype is None else dtype)
+        storage = accumulation_dtype(self.dtype, first.device)
+        if any(f.dtype != storage for f in _all_factors(H)):
+            H = Kron([[f.to(storage) for f in factors] for factors in H.kfacs])
         self.H = H
         self.damping = bool(damping)
-        self._decomposed: KronDecomposed | None = None
-        self._decomposed_factors: list[Tensor] = []
-        self._spectrum: tuple[list[Tensor], Tensor, Tensor] | None = None
+        self._invalidate()
 
     @classmethod
     def zeros(cls, params: Sequence[Tensor], damping: bool = False) -> KronCurvature:
-        """Zero factors for ``params`` on their device and dtype.
+        """Zero factors for ``params`` on their device, in the accumulation precision of
+        their dtype.
 
         Raises:
             ValueError: If ``params`` is empty.
         """
-        return cls(Kron.init_from_model(list(params)), damping=damping)
+        params = list(params)
+        if not params:
+            raise ValueError("params must contain at least one tensor, got none")
+        kron = Kron.init_from_model(params, **cls._storage(params[0]))
+        return cls(kron, damping=damping, dtype=params[0].dtype)
 
     def _factors(self) -> list[Tensor]:
-        return [f for factors in self.H.kfacs for f in factors]
+        return _all_factors(self.H)
 
     def _invalidate(self) -> None:
-        self._decomposed, self._decomposed_factors, self._spectrum = None, [], None
+        self._decomposed: KronDecomposed | None = None
+        self._decomposed_factors: list[Tensor] = []
+        self._spectrum: tuple[list[Tensor], Tensor, Tensor] | None = None
+        self._public: tuple[list[Tensor], Kron, KronDecomposed | None] | None = None
+        self._work_vectors: tuple[list[Tensor], list[list[Tensor]]] | None = None
 
     def _is_current(self, factors: list[Tensor]) -> bool:
         """Whether ``factors`` (cached alongside a result) are still the factors of ``H``."""
@@ -221,11 +306,33 @@ class KronCurvature(Curvature):
         return len(factors) == len(current) and all(a is b for a, b in zip(factors, current))
 
     def decomposed(self) -> KronDecomposed:
-        """The eigendecomposition of ``H`` (zero deltas), computed once per change of ``H``."""
+        """The eigendecomposition of ``H`` (zero deltas), computed once per change of ``H``,
+        in the accumulation precision."""
         if self._decomposed is None or not self._is_current(self._decomposed_factors):
             self._decomposed = self.H.decompose()
             self._decomposed_factors = self._factors()
         return self._decomposed
+
+    def public_decomposed(self) -> KronDecomposed:
+        """:meth:`decomposed` in the model's dtype (cached), for the public ``la.H``."""
+        decomposed = self.decomposed()
+        if decomposed.deltas.dtype == self.dtype:
+            return decomposed
+        cached = self._public_cache()
+        if cached[2] is None:
+            self._public = (cached[0], cached[1], _cast(decomposed, self.dtype))
+        return self._public[2]
+
+    def _work_eigenvectors(self, dtype: torch.dtype) -> list[list[Tensor]]:
+        """The factors' eigenvectors in ``dtype``, cast once per change of ``H``."""
+        vectors = self.decomposed().eigenvectors
+        if vectors[0][0].dtype == dtype:
+            return vectors
+        current = self._work_vectors
+        if current is None or not self._is_current(current[0]) or current[1][0][0].dtype != dtype:
+            cast = [[q.to(dtype) for q in block] for block in vectors]
+            self._work_vectors = (self._factors(), cast)
+        return self._work_vectors[1]
 
     def spectrum(self) -> tuple[Tensor, Tensor]:
         """All eigenvalues of ``H`` block by block, and the block sizes; cached.
@@ -249,7 +356,9 @@ class KronCurvature(Curvature):
                         torch.outer(*values).reshape(-1) if len(values) == 2 else values[0]
                     )
             counts = torch.as_tensor(self.H.sizes, device=blocks[0].device)
-            self._spectrum = (self._factors(), torch.cat(blocks), counts)
+            # the log-determinant's terms need only relative accuracy: the work dtype
+            values = torch.cat(blocks).to(compute_dtype(self.dtype))
+            self._spectrum = (self._factors(), values, counts)
         return self._spectrum[1], self._spectrum[2]
 
     def add_(self, H_batch: Kron) -> None:
@@ -261,7 +370,10 @@ class KronCurvature(Curvature):
         """
         if not isinstance(H_batch, Kron):
             raise TypeError(f"H_batch must be a Kron, got {type(H_batch).__name__}")
-        self.H += H_batch
+        self.H._check_compatible(H_batch)
+        for mine, theirs in zip(self.H.kfacs, H_batch.kfacs):
+            for factor, batch_factor in zip(mine, theirs):
+                factor.add_(batch_factor.to(device=factor.device))  # in the storage's dtype
         self._invalidate()
 
     def with_prior(self, prior_precision: Tensor, factor: Tensor | float) -> KronPosterior:
@@ -273,6 +385,10 @@ class KronCurvature(Curvature):
             )
         prior = prior_precision.reshape(-1)
 
+        storage = self.H.kfacs[0][0].dtype
+        factor = torch.as_tensor(factor).to(storage) if isinstance(factor, Tensor) else factor
+        prior = prior.to(storage)
+
         def build() -> KronDecomposed:
             cached = self.decomposed()
             decomposed = KronDecomposed(
@@ -280,17 +396,41 @@ class KronCurvature(Curvature):
             )
             return decomposed * factor + prior
 
+        work_dtype = compute_dtype(self.dtype)
+
+        def build_work() -> KronDecomposed:
+            precise = posterior._precision
+            return KronDecomposed(
+                self._work_eigenvectors(work_dtype),
+                [[v.to(work_dtype) for v in values] for values in precise.eigenvalues],
+                precise.deltas.to(work_dtype),
+                damping=self.damping,
+            )
+
         spectrum = None
         if not self.damping:
             eigenvalues, counts = self.spectrum()
             spectrum = (eigenvalues, factor, prior, counts)
-        return KronPosterior(build, spectrum)
+        posterior = KronPosterior(build, spectrum, dtype=self.dtype, work=build_work)
+        return posterior
+
+    def _public_cache(self) -> tuple[list[Tensor], Kron, KronDecomposed | None]:
+        if self._public is None or not self._is_current(self._public[0]):
+            cast = Kron([[f.to(self.dtype) for f in factors] for factors in self.H.kfacs])
+            self._public = (self._factors(), cast, None)
+        return self._public
 
     def public(self) -> Kron:
-        return self.H
+        """The factors in the model's dtype (a cached copy when that is not the storage's)."""
+        if self.H.kfacs[0][0].dtype == self.dtype:
+            return self.H
+        return self._public_cache()[1]
 
     def to_dense(self) -> Tensor:
-        return self.H.to_matrix()
+        return self.H.to_matrix().to(self.dtype)
+
+    def is_finite(self) -> bool:
+        return all(all_finite(f) for f in self._factors())
 
     def state_dict(self) -> dict[str, Tensor | list]:
         return {"kfacs": [list(factors) for factors in self.H.kfacs]}
@@ -311,7 +451,7 @@ class KronCurvature(Curvature):
                 )
             loaded.append(
                 [
-                    torch.as_tensor(f).to(device=m.device, dtype=m.dtype)
+                    torch.as_tensor(f).to(device=m.device, dtype=m.dtype, copy=True)
                     for f, m in zip(theirs, mine)
                 ]
             )

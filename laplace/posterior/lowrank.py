@@ -19,6 +19,13 @@ For a scalar or layerwise prior, ``W^T D^-1 W`` is a weighted sum of per-layer G
 ``U_layer^T U_layer`` that the curvature computes once, so a new prior costs ``O(layers k^2 +
 k^3)``; a per-parameter prior costs ``O(params k^2)``.
 
+Precision: the eigenpairs are kept in the accumulation precision (float64 for float32
+models, :mod:`laplace.utils.precision`), and so is every product with them. The Woodbury
+form of ``J P^-1 J^T`` is a difference, ``J D^-1 J^T`` minus the correction, which cancels
+to ``~|J|^2 / (factor * l)`` along the curvature's large eigenvalues: in float32 its error
+would be ``eps * |J|^2 / p0``, relative ``eps * factor * l / p0``. The Jacobians are
+therefore upcast before the product.
+
 References:
     Papandreou, G., Yuille, A. Gaussian sampling by local perturbations. NeurIPS, 2010.
 """
@@ -32,7 +39,9 @@ from torch import Tensor
 
 from laplace.posterior.base import Curvature, Posterior, expand_prior
 from laplace.posterior.dense import _check_rows, _scalar_factor
+from laplace.utils.data import all_finite
 from laplace.utils.enums import HessianStructure
+from laplace.utils.precision import accumulation_dtype
 
 __all__ = ["LowRankCurvature", "LowRankPosterior"]
 
@@ -48,6 +57,7 @@ class LowRankPosterior(Posterior):
         factor: Likelihood factor, a 0-d tensor.
         prior_diag: Per-parameter prior precision ``p0``, positive.
         gram: ``U^T diag(p0)^-1 U`` if already known (computed otherwise).
+        dtype: The model's dtype, of every returned tensor (default ``U``'s).
 
     Shapes:
         ``eigenvectors: (params, k)``, ``eigenvalues: (k,)``, ``prior_diag: (params,)``,
@@ -64,7 +74,9 @@ class LowRankPosterior(Posterior):
         factor: Tensor,
         prior_diag: Tensor,
         gram: Tensor | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
+        self.dtype = eigenvectors.dtype if dtype is None else dtype
         smallest = prior_diag.detach().min()
         if smallest <= 0:
             raise ValueError(
@@ -94,7 +106,7 @@ class LowRankPosterior(Posterior):
         Shapes:
             ``(..., params) -> (..., k)``
         """
-        return ((rows / self._prior_diag) @ self._U) * self._root
+        return ((rows.to(self._U.dtype) / self._prior_diag) @ self._U) * self._root
 
     def _whiten(self, rows: Tensor) -> Tensor:
         """``L^-1 W^T D^-1 rows^T`` so that its Gram is the Woodbury correction.
@@ -110,6 +122,7 @@ class LowRankPosterior(Posterior):
         Shapes:
             ``(n, params) -> (n, params)``
         """
+        rows = rows.to(self._U.dtype)
         coefficients = torch.cholesky_solve(self._scaled_rows(rows).mT, self._lower)
         correction = (coefficients.mT * self._root) @ self._U.mT
         return (rows - correction) / self._prior_diag
@@ -119,18 +132,21 @@ class LowRankPosterior(Posterior):
 
     def quad(self, v: Tensor) -> Tensor:
         _check_rows(v, (1, 2), self.n_params, "v")
+        v = v.to(self._U.dtype)
         low_rank = ((v @ self._U) * self._root).square().sum(-1)
         return (v.square() * self._prior_diag).sum(-1) + low_rank
 
     def inv_quad(self, Js: Tensor) -> Tensor:
         _check_rows(Js, (3,), self.n_params, "Js")
+        Js = Js.to(self._U.dtype)
         whitened = self._whiten(Js)
-        return (Js / self._prior_diag) @ Js.mT - whitened.mT @ whitened
+        return self._out((Js / self._prior_diag) @ Js.mT - whitened.mT @ whitened)
 
     def inv_quad_joint(self, Js: Tensor) -> Tensor:
         _check_rows(Js, (2,), self.n_params, "Js")
+        Js = Js.to(self._U.dtype)
         whitened = self._whiten(Js)
-        return (Js / self._prior_diag) @ Js.mT - whitened.mT @ whitened
+        return self._out((Js / self._prior_diag) @ Js.mT - whitened.mT @ whitened)
 
     def sample(self, n_samples: int, generator: torch.Generator | None = None) -> Tensor:
         """Exact samples by perturb-and-solve (see the module docstring).
@@ -142,11 +158,12 @@ class LowRankPosterior(Posterior):
         noise = torch.randn(n_samples, self.n_params, **like)
         low_rank_noise = torch.randn(n_samples, len(self._eigenvalues), **like)
         perturbation = noise * self._prior_diag.sqrt() + (low_rank_noise * self._root) @ self._U.mT
-        return self.solve(perturbation)
+        return self._out(self.solve(perturbation))
 
     def precision(self) -> tuple[tuple[Tensor, Tensor], Tensor]:
         """``((U, factor * l), p0)``: ``P = U diag(factor * l) U^T + diag(p0)``."""
-        return (self._U, self._factor * self._eigenvalues), self._prior_diag
+        scaled = self._factor * self._eigenvalues
+        return (self._out(self._U), self._out(scaled)), self._out(self._prior_diag)
 
     def woodbury(self) -> tuple[Tensor, Tensor]:
         """``(V, K^-1)`` with ``P^-1 = diag(p0)^-1 - V K^-1 V^T``.
@@ -159,7 +176,7 @@ class LowRankPosterior(Posterior):
         """
         capacitance_inverse = torch.cholesky_inverse(self._lower)
         inverse = self._root.unsqueeze(-1) * capacitance_inverse * self._root
-        return self._U / self._prior_diag.unsqueeze(-1), inverse
+        return self._out(self._U / self._prior_diag.unsqueeze(-1)), self._out(inverse)
 
     def _whitened_factor(self) -> Tensor:
         """``L^-1 W^T D^-1``, whose Gram is the Woodbury correction of ``P^-1``.
@@ -172,19 +189,22 @@ class LowRankPosterior(Posterior):
 
     def covariance(self) -> Tensor:
         """Dense ``P^-1``, ``(params, params)``; for small models."""
+        return self._out(self._covariance())
+
+    def _covariance(self) -> Tensor:
         whitened = self._whitened_factor()
         return torch.diag(self._prior_diag.reciprocal()) - whitened.mT @ whitened
 
     def scale(self) -> Tensor:
         """Dense lower-triangular ``R`` with ``R R^T = P^-1`` (its Cholesky factor)."""
-        return torch.linalg.cholesky(self.covariance())
+        return self._out(torch.linalg.cholesky(self._covariance()))
 
     def variance(self) -> Tensor:
-        return self._prior_diag.reciprocal() - self._whitened_factor().square().sum(0)
+        return self._out(self._prior_diag.reciprocal() - self._whitened_factor().square().sum(0))
 
     def to_dense(self) -> Tensor:
         low_rank = (self._U * (self._factor * self._eigenvalues)) @ self._U.mT
-        return low_rank + torch.diag(self._prior_diag)
+        return self._out(low_rank + torch.diag(self._prior_diag))
 
 
 class LowRankCurvature(Curvature):
@@ -194,9 +214,11 @@ class LowRankCurvature(Curvature):
     whole data (see :class:`~laplace.lowrank.LowRankLaplace`) rather than accumulated.
 
     Args:
-        eigenvectors: Orthonormal eigenvectors ``U`` (columns).
+        eigenvectors: Orthonormal eigenvectors ``U`` (columns); kept, with the eigenvalues,
+            in the accumulation precision of their dtype.
         eigenvalues: Their eigenvalues ``l``, non-negative.
         sizes: Number of parameters per layer (parameter tensor).
+        dtype: The model's dtype (default that of ``U``).
 
     Shapes:
         ``eigenvectors: (params, k)``, ``eigenvalues: (k,)``
@@ -208,8 +230,14 @@ class LowRankCurvature(Curvature):
 
     structure = HessianStructure.LOWRANK
 
-    def __init__(self, eigenvectors: Tensor, eigenvalues: Tensor, sizes: Sequence[int]) -> None:
-        super().__init__(sizes)
+    def __init__(
+        self,
+        eigenvectors: Tensor,
+        eigenvalues: Tensor,
+        sizes: Sequence[int],
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(sizes, eigenvectors.dtype if dtype is None else dtype)
         if eigenvectors.ndim != 2 or eigenvectors.shape[0] != self.n_params:
             raise ValueError(
                 f"eigenvectors must have shape ({self.n_params}, k), got "
@@ -225,8 +253,9 @@ class LowRankCurvature(Curvature):
                 "eigenvalues must be finite and non-negative, got "
                 f"{eigenvalues.detach().flatten()[:5].tolist()}"
             )
-        self.eigenvectors = eigenvectors
-        self.eigenvalues = eigenvalues
+        storage = accumulation_dtype(self.dtype, eigenvectors.device)
+        self.eigenvectors = eigenvectors.to(storage)
+        self.eigenvalues = eigenvalues.to(storage)
         self._layer_grams: Tensor | None = None
 
     @property
@@ -243,8 +272,9 @@ class LowRankCurvature(Curvature):
         if len(params) == 0:
             raise ValueError("params must contain at least one tensor, got none")
         sizes = [p.numel() for p in params]
-        like = {"device": params[0].device, "dtype": params[0].dtype}
-        return cls(torch.zeros(sum(sizes), 0, **like), torch.zeros(0, **like), sizes)
+        like = cls._storage(params[0])
+        zeros = torch.zeros(sum(sizes), 0, **like), torch.zeros(0, **like)
+        return cls(*zeros, sizes, dtype=params[0].dtype)
 
     def add_(self, H_batch: object) -> None:
         """Not supported: eigendecompositions of batches do not add up.
@@ -277,20 +307,23 @@ class LowRankCurvature(Curvature):
         """
         U = self.eigenvectors
         factor = _scalar_factor(factor, U)
-        prior = torch.as_tensor(prior_precision, device=U.device, dtype=U.dtype).reshape(-1)
+        prior = torch.as_tensor(prior_precision, device=U.device).to(U.dtype).reshape(-1)
         prior_diag = expand_prior(prior, self.sizes)
         gram = None
         if prior.numel() == 1 or prior.numel() == len(self.sizes) != self.n_params:
             per_layer = prior.expand(len(self.sizes)).reciprocal()
             gram = torch.einsum("l,lij->ij", per_layer, self.layer_grams())
-        return LowRankPosterior(U, self.eigenvalues, factor, prior_diag, gram)
+        return LowRankPosterior(U, self.eigenvalues, factor, prior_diag, gram, dtype=self.dtype)
 
     def public(self) -> tuple[Tensor, Tensor]:
-        """``(U, l)``: the eigenvectors and eigenvalues."""
-        return self.eigenvectors, self.eigenvalues
+        """``(U, l)``: the eigenvectors and eigenvalues, in the model's dtype."""
+        return self.eigenvectors.to(self.dtype), self.eigenvalues.to(self.dtype)
 
     def to_dense(self) -> Tensor:
-        return (self.eigenvectors * self.eigenvalues) @ self.eigenvectors.mT
+        return ((self.eigenvectors * self.eigenvalues) @ self.eigenvectors.mT).to(self.dtype)
+
+    def is_finite(self) -> bool:
+        return all_finite(self.eigenvectors) and all_finite(self.eigenvalues)
 
     def state_dict(self) -> dict[str, Tensor | list]:
         return {"eigenvectors": self.eigenvectors, "eigenvalues": self.eigenvalues}
@@ -311,6 +344,7 @@ class LowRankCurvature(Curvature):
             torch.as_tensor(state["eigenvectors"]).to(**like, copy=True),
             torch.as_tensor(state["eigenvalues"]).to(**like, copy=True),
             self.sizes,
+            dtype=self.dtype,
         )
         self.eigenvectors, self.eigenvalues = restored.eigenvectors, restored.eigenvalues
         self._layer_grams = None

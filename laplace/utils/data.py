@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -83,3 +84,17 @@ def check_finite_inputs(X: Inputs, name: str = "X") -> None:
     for tensor in tensors:
         if isinstance(tensor, Tensor) and tensor.is_floating_point() and not all_finite(tensor):
             raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def cast_inputs(inputs: Inputs, dtype: torch.dtype) -> Inputs:
+    """``inputs`` with every floating tensor (of a dict-like batch too) cast to ``dtype``;
+    None stays None."""
+    if inputs is None:
+        return None
+    if isinstance(inputs, Tensor):
+        return inputs.to(dtype) if inputs.is_floating_point() else inputs
+    cast = copy.copy(inputs)
+    for key, value in inputs.items():
+        if isinstance(value, Tensor) and value.is_floating_point():
+            cast[key] = value.to(dtype)
+    return cast

@@ -7,6 +7,12 @@ input, and w.r.t. the bias it is ``g_c``. Keeping the factors ``(g, a)`` instead
 GLM variance layer by layer in its eigenbasis (see ``KronDecomposed.inv_square_form_factored``),
 and what gives the diagonal of a GGN from a few backward passes instead of the per-sample
 Jacobians (:func:`factored_gram_diagonal`).
+
+The dense GGN ``sum_n J_n^T R_n^T R_n J_n`` (``k`` rows ``R_n`` per sample) has a weight block
+``sum_n (U_in^T U_jn) ⊗ (a_in a_jn^T)`` for two linear layers, with ``U_n = R_n G_n``: the
+``k`` rows are contracted per sample first, so the block costs ``N P_i P_j`` products instead
+of the ``k N P_i P_j`` of the Gram of the Jacobian rows (:func:`factored_gram`; 9 times fewer
+for ten classes).
 """
 
 from __future__ import annotations
@@ -17,19 +23,80 @@ import torch
 from torch import Tensor, nn
 
 from laplace.utils.data import Inputs
+from laplace.utils.precision import gram
 
-__all__ = ["linear_jacobian_factors", "factored_gram_diagonal", "factored_diagonal_variance"]
+__all__ = [
+    "factored_diagonal_variance",
+    "factored_gram",
+    "factored_gram_diagonal",
+    "linear_jacobian_factors",
+    "partial_linear_factors",
+]
+
+_CHUNK_ENTRIES = 2**22
+"""Most entries of the intermediate products of :func:`factored_gram` (chunked over samples)."""
 
 
-def _owners(model: nn.Module, params: Mapping[str, Tensor]) -> list[tuple[nn.Linear, str]] | None:
-    """``(layer, "weight" | "bias")`` for each parameter, or None if one is not a Linear's."""
+def _owners(model: nn.Module, params: Mapping[str, Tensor]) -> list[tuple[nn.Linear, str] | None]:
+    """``(layer, "weight" | "bias")`` for each parameter of an ``nn.Linear``, else None."""
     found = {}
     for module in model.modules():
         if isinstance(module, nn.Linear):
             for kind, p in module.named_parameters(recurse=False):
                 found[id(p)] = (module, kind)
-    owners = [found.get(id(p)) for p in params.values()]
-    return None if any(o is None for o in owners) else owners
+    return [found.get(id(p)) for p in params.values()]
+
+
+def _layer_factors(
+    model: nn.Module,
+    owners: list[tuple[nn.Linear, str] | None],
+    X: Inputs,
+    create_graph: bool,
+) -> tuple[dict[int, tuple[Tensor, Tensor]], Tensor]:
+    """``(G, a)`` of every Linear layer in ``owners`` that sees one vector per sample.
+
+    One forward pass with hooks on those layers and one backward pass per output. A layer
+    that runs more or less than once, or sees other than one ``(batch, in)`` input (a
+    sequence, or rows folded into its batch), is left out.
+
+    Returns:
+        ``({id(layer): (G, a)}, f)``.
+    """
+    layers = list({id(o[0]): o[0] for o in owners if o is not None}.values())
+    captured: dict[int, list[tuple[Tensor, Tensor]]] = {id(layer): [] for layer in layers}
+
+    def hook(layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        captured[id(layer)].append((inputs[0], output))
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    try:
+        with torch.enable_grad():
+            f = model(X)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if f.ndim != 2:
+        return {}, f
+    kept = {
+        key: calls[0]
+        for key, calls in captured.items()
+        if len(calls) == 1 and calls[0][0].ndim == 2 and calls[0][0].shape[0] == f.shape[0]
+    }
+    if not kept:
+        return {}, f
+    outputs = [output for _, output in kept.values()]
+    with torch.enable_grad():  # the caller may predict under torch.no_grad()
+        per_output = [
+            torch.autograd.grad(
+                f[:, c].sum(), outputs, retain_graph=True, create_graph=create_graph
+            )
+            for c in range(f.shape[1])
+        ]
+    factors = {
+        key: (torch.stack([g[i] for g in per_output], 1), a)
+        for i, (key, (a, _)) in enumerate(kept.items())
+    }
+    return factors, f
 
 
 def linear_jacobian_factors(
@@ -51,46 +118,39 @@ def linear_jacobian_factors(
         sample, also when they are folded into its batch dimension.
     """
     owners = _owners(model, params)
-    if owners is None:
+    if any(o is None for o in owners):
         return None
-    layers = list({id(layer): layer for layer, _ in owners}.values())
-    captured: dict[int, list[tuple[Tensor, Tensor]]] = {id(layer): [] for layer in layers}
-
-    def hook(layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        captured[id(layer)].append((inputs[0], output))
-
-    handles = [layer.register_forward_hook(hook) for layer in layers]
-    try:
-        with torch.enable_grad():
-            f = model(X)
-    finally:
-        for handle in handles:
-            handle.remove()
-    calls = list(captured.values())
-    if f.ndim != 2 or any(
-        len(c) != 1 or c[0][0].ndim != 2 or c[0][0].shape[0] != f.shape[0] for c in calls
-    ):
+    layer_factors, f = _layer_factors(model, owners, X, create_graph)
+    if f.ndim != 2 or len(layer_factors) != len({id(layer) for layer, _ in owners}):
         return None  # e.g. a layer that sees several vectors per sample, folded into its batch
-    outputs = [c[0][1] for c in calls]
-    with torch.enable_grad():  # the caller may predict under torch.no_grad()
-        per_output = [
-            torch.autograd.grad(
-                f[:, c].sum(), outputs, retain_graph=True, create_graph=create_graph
-            )
-            for c in range(f.shape[1])
-        ]
-    G = {id(layer): torch.stack([g[i] for g in per_output], 1) for i, layer in enumerate(layers)}
     factors = []
     for layer, kind in owners:
-        grads = G[id(layer)]
-        a = captured[id(layer)][0][0]
-        factors.append(
-            (grads, a if create_graph else a.detach()) if kind == "weight" else (grads,)
-        )
+        G, a = layer_factors[id(layer)]
+        factors.append((G, a if create_graph else a.detach()) if kind == "weight" else (G,))
     if not create_graph:
         factors = [tuple(t.detach() for t in block) for block in factors]
         f = f.detach()
     return factors, f
+
+
+def partial_linear_factors(
+    model: nn.Module, params: Mapping[str, Tensor], X: Inputs
+) -> tuple[dict[str, tuple[Tensor, ...]], Tensor]:
+    """Detached Jacobian factors of those ``params`` that belong to Linear layers seeing one
+    vector per sample (see :func:`linear_jacobian_factors`); the other parameters are left
+    out.
+
+    Returns:
+        ``({name: (G, a) or (G,)}, f)`` with the detached outputs ``f``.
+    """
+    owners = _owners(model, params)
+    layer_factors, f = _layer_factors(model, owners, X, create_graph=False)
+    factors = {}
+    for name, owner in zip(params, owners):
+        if owner is not None and id(owner[0]) in layer_factors:
+            G, a = layer_factors[id(owner[0])]
+            factors[name] = (G.detach(), a.detach()) if owner[1] == "weight" else (G.detach(),)
+    return factors, f.detach()
 
 
 def factored_gram_diagonal(factors: list[tuple[Tensor, ...]], root: Tensor | None) -> Tensor:
@@ -156,3 +216,87 @@ def factored_diagonal_variance(factors: list[tuple[Tensor, ...]], variance: Tens
         part = torch.einsum("bco,bo,bdo->bcd", G, scale, G)
         total = part if total is None else total + part
     return total
+
+
+def _kron_sum(K: Tensor, a_i: Tensor, a_j: Tensor) -> Tensor:
+    """``sum_n K_n ⊗ (a_in a_jn^T)``, rows ``(o, p)`` and columns ``(o', q)`` row-major.
+
+    One product ``vec(K)^T vec(a_i a_j^T)`` over the samples (``n (o_i o_j) (q_i q_j)``
+    multiply-adds, chunked over samples), then a transpose of the result.
+
+    Shapes:
+        ``K (n, o_i, o_j), a_i (n, q_i), a_j (n, q_j) -> (o_i * q_i, o_j * q_j)``
+    """
+    n, o_i, o_j = K.shape
+    q_i, q_j = a_i.shape[1], a_j.shape[1]
+    flat = K.reshape(n, o_i * o_j)
+    total = K.new_zeros(o_i * o_j, q_i * q_j)
+    chunk = max(1, _CHUNK_ENTRIES // (q_i * q_j))
+    for start in range(0, n, chunk):
+        rows = slice(start, start + chunk)
+        outer = (a_i[rows, :, None] * a_j[rows, None, :]).reshape(-1, q_i * q_j)
+        total.addmm_(flat[rows].mT, outer)
+    return total.view(o_i, o_j, q_i, q_j).permute(0, 2, 1, 3).reshape(o_i * q_i, o_j * q_j)
+
+
+def factored_gram(
+    blocks: list[tuple[Tensor, ...]], dtype: torch.dtype | None = None, out: Tensor | None = None
+) -> Tensor:
+    """``sum_n J_n^T R_n^T R_n J_n`` from per-parameter rows of ``M_n = R_n J_n``.
+
+    A parameter's rows are given either densely, ``(D,)`` with ``D_n = R_n J_n`` restricted
+    to its entries, or for a linear layer's weight as ``(U, a)`` with ``U_n = R_n G_n``, the
+    rows being ``U_nk ⊗ a_n``. The dense parameters before the first weight form one Gram
+    of their rows (:func:`~laplace.utils.precision.gram`) in the leading corner; every
+    later parameter is factored (a dense one as ``(D, 1)``): blocks between two of them are
+    Kronecker sums (:func:`_kron_sum`, ``N P_i P_j`` products instead of the
+    ``k N P_i P_j`` of the rows' Gram) and blocks with the leading ones are
+    ``sum_n (D_n^T U_n) ⊗ a_n``. Everything is summed in ``dtype``.
+
+    Args:
+        blocks: Per parameter, in order, ``(D,)`` or ``(U, a)``.
+        dtype: The dtype of the sums (default the rows').
+        out: If given, the curvature is added to it in place (and it is returned).
+
+    Returns:
+        The dense curvature, parameters in the order of ``blocks``.
+
+    Shapes:
+        ``D (n, k, P_i)``; ``U (n, k, o_i)``, ``a (n, q_i)`` with ``P_i = o_i q_i`` ->
+        ``(params, params)``
+    """
+    dtype = blocks[0][0].dtype if dtype is None else dtype
+    n = blocks[0][0].shape[0]
+    ones = blocks[0][0].new_ones(n, 1)
+    n_leading = 0  # the leading parameters given densely form one Gram
+    while n_leading < len(blocks) and len(blocks[n_leading]) == 1:
+        n_leading += 1
+    kept = [
+        block if len(block) == 2 or i < n_leading else (block[0], ones)
+        for i, block in enumerate(blocks)
+    ]
+    dense, factored = list(range(n_leading)), list(range(n_leading, len(kept)))
+    sizes = [b[0].shape[-1] * (b[1].shape[-1] if len(b) == 2 else 1) for b in kept]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    span = {i: slice(start, start + sizes[i]) for i, start in enumerate(starts)}
+    total = sum(sizes)
+    H = blocks[0][0].new_zeros(total, total, dtype=dtype) if out is None else out
+    n_dense = sum(sizes[i] for i in dense)
+    D = None
+    if dense:
+        D = torch.cat([kept[i][0].to(dtype) for i in dense], dim=-1)
+        gram(D.flatten(0, 1), dtype, out=H[:n_dense, :n_dense])
+    for position, j in enumerate(factored):
+        U_j, a_j = (t.to(dtype) for t in kept[j])
+        if D is not None:
+            X = torch.einsum("nkp,nko->npo", D, U_j)
+            cross = (X.reshape(n, -1).mT @ a_j).reshape(n_dense, sizes[j])
+            H[:n_dense, span[j]].add_(cross)
+            H[span[j], :n_dense].add_(cross.mT)
+        for i in factored[: position + 1]:
+            U_i, a_i = (t.to(dtype) for t in kept[i])
+            block = _kron_sum(U_i.mT @ U_j, a_i, a_j)
+            H[span[i], span[j]].add_(block)
+            if i != j:
+                H[span[j], span[i]].add_(block.mT)
+    return H

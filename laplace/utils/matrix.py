@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from laplace.utils.precision import accumulation_dtype
 from laplace.utils.utils import symeig
 
 __all__ = ["Kron", "KronDecomposed", "kron", "block_diag"]
@@ -511,13 +512,18 @@ class KronDecomposed:
         return torch.cat(diagonals)
 
     def to_matrix(self, exponent: float = 1) -> Tensor:
-        """Dense ``M^exponent``.
+        """Dense ``M^exponent``, formed in the accumulation precision and returned in the
+        dtype of the decomposition (:mod:`laplace.utils.precision`: a float32 sum of
+        ``params`` products would leave ``eps * lambda_max`` in every direction).
 
         Shapes:
             ``-> (params, params)``
         """
         blocks = []
         for vectors, values in self._blocks():
+            dtype = accumulation_dtype(values.dtype, values.device)
+            vectors = [q.to(dtype) for q in vectors]
             basis = vectors[0] if len(vectors) == 1 else kron(*vectors)
-            blocks.append((basis * values.pow(exponent)) @ basis.mT)
+            powered = values.to(dtype).pow(exponent)
+            blocks.append(((basis * powered) @ basis.mT).to(values.dtype))
         return block_diag(blocks)
