@@ -10,7 +10,7 @@ weight-space Gaussian posterior, written once for every structure and subset:
 - the posterior precision is ``P = H / (sigma^2 T) + diag(p0)``, built by
   ``Curvature.with_prior``, which reuses a cached decomposition of ``H``;
 - the log marginal likelihood is ``log p(D|theta) - 0.5 (log det P - log det P0 + scatter)``
-  (MacKay, 1992; Immer et al., ICML 2021);
+  (MacKay, 1992; Immer et al., ICML 2021), in :mod:`laplace.evidence`;
 - the GLM predictive is ``N(f(x), J P^-1 J^T)`` followed by a link approximation
   (Immer, Korzepa & Bauer, AISTATS 2021).
 
@@ -20,14 +20,15 @@ The public classes of the grid (``FullLaplace``, ``KronLaplace``, ``DiagLaplace`
 
 from __future__ import annotations
 
+import functools
 import inspect
-import math
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from laplace.evidence import EvidenceMixin
 from laplace.hyperparameters import HyperparameterMixin
 from laplace.posterior.base import Curvature, Posterior
 from laplace.predictive import PredictiveMixin
@@ -51,8 +52,14 @@ __all__ = [
 
 def _takes_out(method: Any) -> bool:
     """Whether a backend's structure method accepts ``out`` (sums into it in place)."""
+    return _accepts_out(getattr(method, "__func__", method))
+
+
+@functools.cache
+def _accepts_out(function: Any) -> bool:
+    """:func:`_takes_out` for the function behind a method (one signature lookup each)."""
     try:
-        return "out" in inspect.signature(method).parameters
+        return "out" in inspect.signature(function).parameters
     except (TypeError, ValueError):
         return False
 
@@ -227,7 +234,7 @@ class BaseLaplace(HyperparameterMixin, PriorTuningMixin, PredictiveMixin):
         return state
 
 
-class ParametricLaplace(BaseLaplace):
+class ParametricLaplace(EvidenceMixin, BaseLaplace):
     """Gaussian posterior ``N(theta_MAP, P^-1)`` over the parameters of a subset.
 
     Subclasses declare the structure through ``_structure`` and ``_curvature_cls``, and
@@ -423,101 +430,6 @@ class ParametricLaplace(BaseLaplace):
     @property
     def posterior_variance(self) -> Tensor:
         return self.posterior.variance()
-
-    @property
-    def log_det_posterior_precision(self) -> Tensor:
-        return self.posterior.logdet().to(self._dtype)
-
-    @property
-    def log_det_ratio(self) -> Tensor:
-        return self._log_det_ratio().to(self._dtype)
-
-    def _log_det_ratio(self) -> Tensor:
-        """``log det P - log det P0`` in the accumulation precision."""
-        return self.posterior.logdet() - self._log_det_prior_precision()
-
-    @property
-    def scatter(self) -> Tensor:
-        """``(theta - mu0)^T P0 (theta - mu0)``."""
-        return self._scatter().to(self._dtype)
-
-    def _scatter(self) -> Tensor:
-        """:attr:`scatter` in the accumulation precision."""
-        prior = self.prior_precision.to(self._accumulation_dtype)
-        squares = self._squared_distance(prior.numel())
-        return prior @ squares
-
-    _squares_cache: tuple[Tensor, Tensor, int, int, int, Tensor] | None = None
-
-    def _squared_distance(self, n_prior: int) -> Tensor:
-        """``|mean - prior_mean|^2`` in the accumulation precision, summed over the blocks
-        of a prior with ``n_prior`` entries (scalar, layerwise or per parameter); kept while
-        neither mean changes (a marginal-likelihood step only changes the prior precision).
-
-        Shapes:
-            ``-> (n_prior,)``
-        """
-        mean, prior_mean = self.mean, self.prior_mean
-        key = (mean._version, prior_mean._version, n_prior)
-        cache = self._squares_cache
-        if cache is not None and cache[0] is mean and cache[1] is prior_mean and cache[2:5] == key:
-            return cache[5]
-        squares = (mean - prior_mean).to(self._accumulation_dtype).square()
-        if n_prior == 1:
-            squares = squares.sum().reshape(1)
-        elif n_prior != squares.numel():
-            squares = torch.stack([part.sum() for part in squares.split(self.subset.sizes)])
-        if not squares.requires_grad:
-            self._squares_cache = (mean, prior_mean, *key, squares)
-        return squares
-
-    @property
-    def log_likelihood(self) -> Tensor:
-        """``log p(D | theta_MAP)``, differentiable in ``sigma_noise``."""
-        return self._log_likelihood().to(self._dtype)
-
-    def _log_likelihood(self) -> Tensor:
-        """:attr:`log_likelihood` in the accumulation precision."""
-        self._check_fitted()
-        log_lik = -self._H_factor * self._loss
-        if self.likelihood == Likelihood.REGRESSION:
-            sigma = self.sigma_noise.to(self._accumulation_dtype)
-            norm = self.n_data * self.n_outputs * torch.log(sigma * math.sqrt(2 * math.pi))
-            log_lik = log_lik - norm
-        return log_lik
-
-    def log_marginal_likelihood(
-        self, prior_precision: Tensor | None = None, sigma_noise: Tensor | None = None
-    ) -> Tensor:
-        """Laplace approximation of ``log p(D)``; values passed in replace the stored ones.
-
-        Differentiable w.r.t. ``prior_precision`` and ``sigma_noise``. Its terms are
-        combined in the accumulation precision (they are large and nearly cancel) and the
-        result is returned in the model's dtype.
-        """
-        if prior_precision is not None:
-            self.prior_precision = prior_precision
-        if sigma_noise is not None:
-            self.sigma_noise = sigma_noise
-        value = self._log_likelihood() - 0.5 * (self._log_det_ratio() + self._scatter())
-        return value.to(self._dtype)
-
-    def square_norm(self, value: Tensor) -> Tensor:
-        """``(value - mean)^T P (value - mean)``."""
-        return self._square_norm(value).to(self._dtype)
-
-    def _square_norm(self, value: Tensor) -> Tensor:
-        """:meth:`square_norm` in the accumulation precision."""
-        return self.posterior.quad(value - self.mean)
-
-    def log_prob(self, value: Tensor, normalized: bool = True) -> Tensor:
-        """Log density of ``value`` under the posterior."""
-        log_prob = -0.5 * self._square_norm(value)
-        if normalized:
-            log_prob = log_prob + 0.5 * (
-                self.posterior.logdet() - self._n_posterior * math.log(2 * math.pi)
-            )
-        return log_prob.to(self._dtype)
 
     def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> Tensor:
         """Parameter samples ``(n_samples, params)`` from the posterior."""

@@ -162,14 +162,15 @@ def _seeded(generator: torch.Generator | None, device: torch.device) -> Iterator
         yield
 
 
-class _ExpandConv2d(HBPConv2d):
-    """BackPACK ``KFLR``/``KFAC`` module extension giving ``nn.Conv2d`` factors as curvlinops.
+class _GramFactors:
+    """K-FAC factors of a BackPACK ``KFLR``/``KFAC`` module extension, summed as Grams.
 
-    ``backproped`` is the (exact or sampled) square root of the GGN w.r.t. the layer output
-    and ``module.input0`` the layer input, as BackPACK documents for its ``HBPConv2d``.
-    Weight: ``[sum_{c,n,r} g g^T, 1 / (M R) sum_{n,r} a a^T]`` with ``a`` the unfolded input
-    patches; bias: ``[sum_{c,n,r} g g^T]``, both summed in ``dtype`` (default the inputs').
-    The backward propagation is BackPACK's own.
+    Weight: ``[B, A]`` with ``B = sum g g^T`` over the rows of the (exact or sampled) square
+    root ``g`` of the GGN that BackPACK backpropagates to the layer output, and
+    ``A = mean a a^T`` over the rows of the layer input; bias: ``[B]``. Both are Grams in
+    ``dtype`` (default the inputs'; see :mod:`laplace.utils.precision`) instead of BackPACK's
+    ``einsum`` sums. Subclasses give the rows (:meth:`_input_rows`, :meth:`_output_rows`)
+    and are mixed in before BackPACK's extension, whose backward propagation is kept.
 
     Args:
         dtype: The dtype of the sums (the backend's ``sum_dtype``).
@@ -179,35 +180,62 @@ class _ExpandConv2d(HBPConv2d):
         super().__init__()
         self.dtype = dtype
 
+    def _input_rows(self, ext: BackpropExtension, module: nn.Module) -> Tensor:
+        raise NotImplementedError
+
+    def _output_rows(
+        self, ext: BackpropExtension, module: nn.Module, backproped: Tensor
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def _gram(self, rows: Tensor) -> Tensor:
+        return gram(rows, self.dtype or rows.dtype)
+
     def weight(
         self,
         ext: BackpropExtension,
-        module: nn.Conv2d,
+        module: nn.Module,
         g_inp: tuple[Tensor, ...],
         g_out: tuple[Tensor, ...],
         backproped: Tensor,
     ) -> list[Tensor]:
-        """``[B, A]`` of the weight. Shapes: ``B``: ``(out, out)``; ``A``: ``(in*kh*kw,)*2``."""
-        patches = nn.functional.unfold(
-            module.input0, module.kernel_size, module.dilation, module.padding, module.stride
-        )
-        rows = patches.transpose(1, 2).flatten(0, 1)  # (n * locations, in * kh * kw)
-        A = gram(rows, self.dtype or rows.dtype) / rows.shape[0]
-        return [self._output_factor(module, backproped), A]
+        """``[B, A]`` of the weight. Shapes: ``B``: ``(out, out)``; ``A``: ``(in, in)``."""
+        rows = self._input_rows(ext, module)
+        return [
+            self._gram(self._output_rows(ext, module, backproped)),
+            self._gram(rows) / len(rows),
+        ]
 
     def bias(
         self,
         ext: BackpropExtension,
-        module: nn.Conv2d,
+        module: nn.Module,
         g_inp: tuple[Tensor, ...],
         g_out: tuple[Tensor, ...],
         backproped: Tensor,
     ) -> list[Tensor]:
         """``[B]`` of the bias. Shapes: ``B``: ``(out, out)``."""
-        return [self._output_factor(module, backproped)]
+        return [self._gram(self._output_rows(ext, module, backproped))]
 
-    def _output_factor(self, module: nn.Conv2d, backproped: Tensor) -> Tensor:
-        """``sum_{c,n,r} g g^T`` from the square root of shape ``(c, n, out, h, w)``.
+
+class _ExpandConv2d(_GramFactors, HBPConv2d):
+    """:class:`_GramFactors` for ``nn.Conv2d`` with curvlinops' "expand" convention.
+
+    ``A`` averages the unfolded input patches over samples and locations ``R`` and ``B`` sums
+    the output gradients over them (BackPACK's own extension sums ``g`` over the locations
+    before the outer product and omits ``1 / R``).
+    """
+
+    def _input_rows(self, ext: BackpropExtension, module: nn.Module) -> Tensor:
+        patches = nn.functional.unfold(
+            module.input0, module.kernel_size, module.dilation, module.padding, module.stride
+        )
+        return patches.transpose(1, 2).flatten(0, 1)  # (n * locations, in * kh * kw)
+
+    def _output_rows(
+        self, ext: BackpropExtension, module: nn.Module, backproped: Tensor
+    ) -> Tensor:
+        """Rows of the square root of shape ``(c, n, out, h, w)``.
 
         Raises:
             RuntimeError: If BackPACK passes a quantity of another shape (this extension
@@ -220,54 +248,20 @@ class _ExpandConv2d(HBPConv2d):
                 f"the BackPACK backends were written for backpack-for-pytorch 1.7, installed: "
                 f"{version('backpack-for-pytorch')}"
             )
-        rows = backproped.flatten(3).transpose(2, 3).flatten(0, 2)  # (c * n * locations, out)
-        return gram(rows, self.dtype or rows.dtype)
+        return backproped.flatten(3).transpose(2, 3).flatten(0, 2)  # (c * n * locations, out)
 
 
-class _PreciseLinear(HBPLinear):
-    """BackPACK ``KFLR``/``KFAC`` module extension for ``nn.Linear`` summing in ``dtype``.
+class _PreciseLinear(_GramFactors, HBPLinear):
+    """:class:`_GramFactors` for ``nn.Linear``: BackPACK's factors, summed as Grams. Only the
+    square-root backpropagation of ``KFLR`` and ``KFAC`` and 2-d inputs are handled, as
+    ``HBPLinear`` checks."""
 
-    The factors are BackPACK's (weight ``[sum_{c,n} g g^T, 1 / M sum_n a a^T]``, bias
-    ``[sum_{c,n} g g^T]`` from the square root ``g`` it backpropagates and the layer input
-    ``a``), formed as Grams in ``dtype`` instead of float32 ``einsum`` sums (see
-    :mod:`laplace.utils.precision`). Only the square-root backpropagation of ``KFLR`` and
-    ``KFAC`` is handled, and 2-d inputs, as ``HBPLinear`` checks.
-
-    Args:
-        dtype: The dtype of the sums (the backend's ``sum_dtype``).
-    """
-
-    def __init__(self, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        self.dtype = dtype
-
-    def weight(
-        self,
-        ext: BackpropExtension,
-        module: nn.Linear,
-        g_inp: tuple[Tensor, ...],
-        g_out: tuple[Tensor, ...],
-        backproped: Tensor,
-    ) -> list[Tensor]:
-        """``[B, A]`` of the weight. Shapes: ``B``: ``(out, out)``; ``A``: ``(in, in)``."""
+    def _input_rows(self, ext: BackpropExtension, module: nn.Module) -> Tensor:
         self.check_parameters(ext, module)
-        inputs = module.input0
-        A = gram(inputs, self.dtype or inputs.dtype) / inputs.shape[0]
-        return [self._output_factor(backproped), A]
+        return module.input0
 
-    def bias(
-        self,
-        ext: BackpropExtension,
-        module: nn.Linear,
-        g_inp: tuple[Tensor, ...],
-        g_out: tuple[Tensor, ...],
-        backproped: Tensor,
-    ) -> list[Tensor]:
-        """``[B]`` of the bias. Shapes: ``B``: ``(out, out)``."""
+    def _output_rows(
+        self, ext: BackpropExtension, module: nn.Module, backproped: Tensor
+    ) -> Tensor:
         self.check_parameters(ext, module)
-        return [self._output_factor(backproped)]
-
-    def _output_factor(self, backproped: Tensor) -> Tensor:
-        """``sum_{c,n} g g^T`` from the square root of shape ``(c, n, out)``."""
-        rows = backproped.flatten(0, 1)
-        return gram(rows, self.dtype or rows.dtype)
+        return backproped.flatten(0, 1)  # (c * n, out)

@@ -1,4 +1,5 @@
-"""Helpers of the native backends in :mod:`laplace.curvature.curvature`: which parameters are
+"""Helpers of the backend interface and the native backends
+(:mod:`laplace.curvature.interface`, :mod:`laplace.curvature.curvature`): which parameters are
 differentiated, how a batch is split into samples for ``torch.func.vmap``, and the square
 root of the softmax output Hessian.
 """

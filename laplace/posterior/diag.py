@@ -239,14 +239,14 @@ class DiagCurvature(Curvature):
             ValueError: If the prior has a wrong length, ``factor`` is not a scalar, or an
                 entry of the posterior precision is not positive.
         """
-        H = self._work_H()
+        H, non_negative = self._cached_work()
         factor = torch.as_tensor(factor, device=H.device).to(H.dtype)
         if factor.numel() != 1:
             raise ValueError(f"factor must be a scalar, got shape {tuple(factor.shape)}")
         prior = torch.as_tensor(prior_precision, device=H.device).to(H.dtype)
         precision = factor.reshape(()) * H + expand_prior(prior, self.sizes)
         # a non-negative h, factor and prior with a positive prior give a positive p
-        known = self._non_negative() and bool((prior.detach().min() > 0) & (factor >= 0))
+        known = non_negative and bool((prior.detach().min() > 0) & (factor >= 0))
         return DiagPosterior(precision, dtype=self.dtype, check=not known)
 
     _work: tuple[Tensor, int, Tensor, bool] | None = None
@@ -259,12 +259,6 @@ class DiagCurvature(Curvature):
             H_work = self.H.to(compute_dtype(self.dtype))
             self._work = work = (self.H, self.H._version, H_work, bool((self.H >= 0).all()))
         return work[2], work[3]
-
-    def _work_H(self) -> Tensor:
-        return self._cached_work()[0]
-
-    def _non_negative(self) -> bool:
-        return self._cached_work()[1]
 
     def public(self) -> Tensor:
         """``h`` in the model's dtype."""

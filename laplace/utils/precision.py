@@ -40,7 +40,7 @@ import itertools
 import torch
 from torch import Tensor
 
-__all__ = ["accumulation_dtype", "compute_dtype", "gram", "to_accumulation"]
+__all__ = ["accumulation_dtype", "compute_dtype", "gram"]
 
 _GRAM_BLOCKS = 4
 """Column blocks of :func:`gram`: ``(b + 1) / (2 b)`` of the products of a full ``M^T M``."""
@@ -66,11 +66,6 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of products of data-sized tensors with the factors: the model's dtype,
     float32 for half-precision models."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def to_accumulation(tensor: Tensor) -> Tensor:
-    """``tensor`` in :func:`accumulation_dtype` (no copy if it already is)."""
-    return tensor.to(accumulation_dtype(tensor.dtype, tensor.device))
 
 
 def gram(
