@@ -20,7 +20,7 @@ REFERENCE_PYTHON ?=
 .PHONY: install install-docs demo test test-all lint format docs bench agreement accuracy
 
 install:
-	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install -e ".[dev,hf]"
 
 install-docs:
 	$(PYTHON) -m pip install -e ".[docs]"

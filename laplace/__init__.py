@@ -12,15 +12,24 @@ Example:
 """
 
 from laplace.baselaplace import (
+    BaseFunctionalLaplace,
     BaseLaplace,
     DiagLaplace,
     FullLaplace,
+    FunctionalLaplace,
     KronLaplace,
     LowRankLaplace,
     ParametricLaplace,
 )
 from laplace.laplace import Laplace
-from laplace.lllaplace import DiagLLLaplace, FullLLLaplace, KronLLLaplace, LLLaplace
+from laplace.lllaplace import (
+    DiagLLLaplace,
+    FullLLLaplace,
+    FunctionalLLLaplace,
+    KronLLLaplace,
+    LLLaplace,
+)
+from laplace.marglik_training import marglik_training
 from laplace.subnetlaplace import DiagSubnetLaplace, FullSubnetLaplace, SubnetLaplace
 from laplace.utils.enums import (
     FunctionalApproximation,
@@ -34,7 +43,10 @@ from laplace.utils.enums import (
 )
 
 __all__ = [
+    "BaseFunctionalLaplace",
     "BaseLaplace",
+    "FunctionalLaplace",
+    "FunctionalLLLaplace",
     "DiagLaplace",
     "DiagLLLaplace",
     "FullLLLaplace",
@@ -51,6 +63,7 @@ __all__ = [
     "Likelihood",
     "LowRankLaplace",
     "LinkApprox",
+    "marglik_training",
     "ParametricLaplace",
     "PredType",
     "PriorStructure",

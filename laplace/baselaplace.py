@@ -1,8 +1,9 @@
 """Laplace approximations over the weights of a network.
 
-:class:`BaseLaplace` holds what every Laplace approximation shares: the likelihood, the
-hyperparameters (prior precision and mean, observation noise, temperature), their checks,
-prior tuning and the predictive dispatch. :class:`ParametricLaplace` is the one algorithm of a
+:class:`~laplace.base.BaseLaplace` (in :mod:`laplace.base`, re-exported here) holds what
+every Laplace approximation shares: the likelihood, the hyperparameters (prior precision and
+mean, observation noise, temperature), their checks, prior tuning and the predictive
+dispatch. :class:`ParametricLaplace` is the one algorithm of a
 weight-space Gaussian posterior, written once for every structure and subset:
 
 - ``fit`` adds each batch's curvature from the backend to a structure object
@@ -28,22 +29,30 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from laplace.base import BaseLaplace
 from laplace.evidence import EvidenceMixin
-from laplace.hyperparameters import HyperparameterMixin
 from laplace.posterior.base import Curvature, Posterior
-from laplace.predictive import PredictiveMixin
 from laplace.subsets import AllWeights
-from laplace.tuning import PriorTuningMixin
-from laplace.utils.data import Inputs, check_finite_inputs, dataset_size, unpack_batch
-from laplace.utils.enums import HessianStructure, Likelihood, parse_enum
+from laplace.utils.data import (
+    Inputs,
+    check_finite_inputs,
+    check_finite_targets,
+    check_input_dtype,
+    dataset_size,
+    per_sample_shape,
+    unpack_batch,
+)
+from laplace.utils.enums import HessianStructure, Likelihood
 from laplace.utils.linear_jacobians import linear_jacobian_factors
 from laplace.utils.matrix import Kron, KronDecomposed
 from laplace.utils.precision import accumulation_dtype
 
 __all__ = [
+    "BaseFunctionalLaplace",
     "BaseLaplace",
     "DiagLaplace",
     "FullLaplace",
+    "FunctionalLaplace",
     "KronLaplace",
     "LowRankLaplace",
     "ParametricLaplace",
@@ -62,176 +71,6 @@ def _accepts_out(function: Any) -> bool:
         return "out" in inspect.signature(function).parameters
     except (TypeError, ValueError):
         return False
-
-
-class BaseLaplace(HyperparameterMixin, PriorTuningMixin, PredictiveMixin):
-    """Base class of every Laplace approximation.
-
-    Args:
-        model: The trained network; its output has shape ``(batch, outputs)``.
-        likelihood: ``"classification"``, ``"regression"`` or ``"reward_modeling"``.
-        sigma_noise: Observation noise standard deviation (regression only; must be 1
-            otherwise).
-        prior_precision: Scalar, per-layer or per-parameter precision of the Gaussian prior.
-        prior_mean: Scalar or per-parameter prior mean.
-        temperature: Likelihood temperature; values below 1 concentrate the posterior.
-        enable_backprop: Keep the predictive differentiable w.r.t. the input.
-        dict_key_x: Key of the inputs in dict-like batches.
-        dict_key_y: Key of the targets in dict-like batches.
-        backend: Curvature backend class (default ``CurvlinopsGGN``).
-        backend_kwargs: Keyword arguments for the backend's constructor.
-        asdl_fisher_kwargs: Keyword arguments for ASDL's Fisher computation.
-
-    Raises:
-        ValueError: For unknown option strings, ``sigma_noise != 1`` outside regression,
-            non-positive precisions or temperatures, or a backend that cannot compute the
-            requested structure.
-    """
-
-    _structure: ClassVar[HessianStructure | None] = None
-
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: Likelihood | str,
-        sigma_noise: float | Tensor = 1.0,
-        prior_precision: float | Tensor = 1.0,
-        prior_mean: float | Tensor = 0.0,
-        temperature: float = 1.0,
-        enable_backprop: bool = False,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        backend: type | None = None,
-        backend_kwargs: dict[str, Any] | None = None,
-        asdl_fisher_kwargs: dict[str, Any] | None = None,
-    ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.likelihood = parse_enum(Likelihood, likelihood, "likelihood")
-        self.model = model
-        self.subset = self._make_subset(model)
-        self.enable_backprop = bool(enable_backprop)
-        self.dict_key_x = dict_key_x
-        self.dict_key_y = dict_key_y
-        self._backend_cls = self._check_backend(backend)
-        self._backend_kwargs = dict(backend_kwargs or {})
-        self._asdl_fisher_kwargs = dict(asdl_fisher_kwargs or {})
-        self._backend = None
-        self.n_outputs: int | None = None
-        self.n_data: int | None = None
-        self.loss = 0.0
-        self._init_hyperparameters(sigma_noise, prior_precision, prior_mean, temperature)
-
-    def _make_subset(self, model: nn.Module) -> AllWeights:
-        return AllWeights(model)
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        return self.subset.params
-
-    @property
-    def n_params(self) -> int:
-        """Number of parameters the Laplace approximation covers."""
-        return self._n_posterior
-
-    @property
-    def n_layers(self) -> int:
-        """Number of parameter blocks (layerwise prior entries)."""
-        return self._n_blocks
-
-    @property
-    def _n_posterior(self) -> int:
-        """Dimension of the Gaussian: the size of ``H``, the posterior and a diagonal prior."""
-        return sum(self.subset.sizes)
-
-    @property
-    def _n_blocks(self) -> int:
-        """Number of prior blocks: the entries of a layerwise prior."""
-        return len(self.subset.sizes)
-
-    @property
-    def _device(self) -> torch.device:
-        return self.params[0].device
-
-    @property
-    def _dtype(self) -> torch.dtype:
-        return self.params[0].dtype
-
-    @property
-    def _accumulation_dtype(self) -> torch.dtype:
-        """The precision of sums over the data and of the marginal likelihood's terms
-        (:func:`~laplace.utils.precision.accumulation_dtype`)."""
-        return accumulation_dtype(self._dtype, self._device)
-
-    @property
-    def loss(self) -> Tensor | float:
-        """The training loss ``factor * sum_n loss_n`` at the MAP, summed by :meth:`fit` (in
-        the accumulation precision; returned in the model's dtype)."""
-        if isinstance(self._loss, Tensor):
-            return self._loss.to(self._dtype)
-        return self._loss
-
-    @loss.setter
-    def loss(self, value: Tensor | float) -> None:
-        if isinstance(value, Tensor):
-            value = value.detach().to(accumulation_dtype(value.dtype, value.device))
-        self._loss = value
-
-    def _check_backend(self, backend: type | None) -> type:
-        from laplace.curvature import BACKENDS, CurvlinopsGGN
-
-        backend = CurvlinopsGGN if backend is None else backend
-        if not isinstance(backend, type) or not hasattr(backend, "structures"):
-            raise ValueError(f"backend must be a curvature backend class, got {backend!r}")
-        structure = self._structure
-        if structure is not None and structure not in backend.structures:
-            able = [b.__name__ for b in BACKENDS if structure in b.structures]
-            raise ValueError(
-                f"backend {backend.__name__} cannot compute hessian_structure="
-                f"{structure.value!r}; backends that can: {', '.join(able)}"
-            )
-        return backend
-
-    @property
-    def backend(self) -> Any:
-        """The curvature backend instance (created on first use)."""
-        if self._backend is None:
-            self._backend = self._make_backend(
-                self.subset.backend_model(), **self.subset.backend_kwargs()
-            )
-        return self._backend
-
-    def _make_backend(self, model: nn.Module, **kwargs: Any) -> Any:
-        """A backend of this object's class and options on ``model``."""
-        likelihood = (
-            Likelihood.CLASSIFICATION
-            if self.likelihood == Likelihood.REWARD_MODELING
-            else self.likelihood
-        )
-        backend = self._backend_cls(
-            model,
-            likelihood,
-            dict_key_x=self.dict_key_x,
-            dict_key_y=self.dict_key_y,
-            **kwargs,
-            **self._backend_kwargs,
-        )
-        backend.sum_dtype = self._accumulation_dtype  # see laplace.utils.precision
-        return backend
-
-    def _check_fitted(self) -> None:
-        if self.n_data is None:
-            raise ValueError(
-                f"{type(self).__name__} is not fitted yet: call fit(train_loader) first"
-            )
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_backend"] = None
-        state.pop("_whole_backend", None)
-        state.pop("_squares_cache", None)
-        state["_posterior_cache"] = None
-        return state
 
 
 class ParametricLaplace(EvidenceMixin, BaseLaplace):
@@ -259,8 +98,29 @@ class ParametricLaplace(EvidenceMixin, BaseLaplace):
                 f"{type(self).__name__} is abstract: use FullLaplace, KronLaplace, ..."
             )
         super().__init__(model, likelihood, *args, **kwargs)
-        self.mean = self.subset.mean()
+        self._mean: Tensor | None = None
         self._curvature: Curvature | None = None
+
+    @property
+    def mean(self) -> Tensor | None:
+        """The posterior mean ``(params,)``: the trainable parameters at :meth:`fit` (the MAP).
+
+        Before :meth:`fit` the approximation is the prior (as in ``laplace-torch``): the mean
+        is ``prior_mean`` broadcast to ``(params,)``, :attr:`H` is zero, the posterior
+        precision is the prior precision, and :meth:`log_prob` and :meth:`sample` are the
+        prior's. None while the parameters are not known (a last layer not found yet).
+        """
+        if self._mean is not None:
+            return self._mean
+        return self._prior_mean_vector()
+
+    @mean.setter
+    def mean(self, value: Tensor | None) -> None:
+        self._mean = value
+
+    def _prior_mean_vector(self) -> Tensor | None:
+        """The prior mean as a ``(params,)`` vector."""
+        return self.prior_mean.expand(self._n_posterior).clone()
 
     @property
     def H(self) -> Tensor | Kron | tuple[Tensor, Tensor] | None:
@@ -308,6 +168,9 @@ class ParametricLaplace(EvidenceMixin, BaseLaplace):
     def fit(self, train_loader: Any, override: bool = True, progress_bar: bool = False) -> None:
         """Fit the curvature at the current parameters of the model.
 
+        A fit that raises leaves this object as it was before the call (curvature, ``n_data``,
+        loss, mean, hyperparameters), and the model's train/eval modes too.
+
         Args:
             train_loader: Yields ``(X, y)`` or dict-like batches; ``len(train_loader.dataset)``
                 is the number of data points.
@@ -315,9 +178,16 @@ class ParametricLaplace(EvidenceMixin, BaseLaplace):
             progress_bar: Show a tqdm progress bar over batches.
 
         Raises:
-            ValueError: For a loader without ``dataset``, an empty loader, NaN inputs, wrong
-                targets, or NaN/Inf curvature.
+            ValueError: For a loader without ``dataset``, an empty loader, NaN inputs or
+                targets, wrong targets, or NaN/Inf curvature.
+            InputMismatchError: For floating inputs of another dtype than the model's (a
+                ``RuntimeError`` and a ``ValueError``).
         """
+        with self._unchanged_on_failure():
+            self._fit(train_loader, override, progress_bar)
+
+    def _fit(self, train_loader: Any, override: bool, progress_bar: bool) -> None:
+        """:meth:`fit` without the restore on failure."""
         n_data = dataset_size(train_loader)
         if override or self._curvature is None:
             self._curvature, self._loss, self.n_data = self._new_curvature(), 0.0, None
@@ -329,6 +199,10 @@ class ParametricLaplace(EvidenceMixin, BaseLaplace):
         for batch in tqdm(train_loader, desc="fit", disable=not progress_bar):
             X, y = unpack_batch(batch, self.dict_key_x, self.dict_key_y, self._device)
             check_finite_inputs(X)
+            check_input_dtype(X, self._dtype, self.dict_key_x)
+            check_finite_targets(y)
+            if n_batches == 0:
+                self._input_shape = per_sample_shape(X)
             if self.n_outputs is None or n_batches == 0:
                 self._set_n_outputs(X)
             batch_loss = self._add_batch(H_new, X, y, n_data).detach()
@@ -406,11 +280,12 @@ class ParametricLaplace(EvidenceMixin, BaseLaplace):
     # ----------------------------------------------------------------- posterior
     @property
     def posterior(self) -> Posterior:
-        """The posterior precision object for the current hyperparameters."""
-        self._check_fitted()
+        """The posterior precision object for the current hyperparameters; before
+        :meth:`fit` the prior's (zero curvature)."""
         cache = getattr(self, "_posterior_cache", None)
         if cache is None:
-            cache = self._curvature.with_prior(self.prior_precision, self._H_factor)
+            curvature = self._new_curvature() if self._curvature is None else self._curvature
+            cache = curvature.with_prior(self.prior_precision, self._H_factor)
             self._posterior_cache = cache
         return cache
 
@@ -484,23 +359,9 @@ class ParametricLaplace(EvidenceMixin, BaseLaplace):
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Plain tensors and numbers that restore the fitted approximation."""
-        self._check_fitted()
-        return {
-            "cls_name": type(self).__name__,
-            "structure": self._structure.value,
-            "param_shapes": [list(p.shape) for p in self.params],
-            "mean": self.mean.detach(),
-            "H": self._curvature.state_dict(),
-            "loss": torch.as_tensor(self._loss).detach(),
-            "prior_mean": self.prior_mean.detach(),
-            "prior_precision": self.prior_precision.detach(),
-            "sigma_noise": self.sigma_noise.detach(),
-            "temperature": self.temperature,
-            "n_data": self.n_data,
-            "n_outputs": self.n_outputs,
-            "likelihood": self.likelihood.value,
-            "enable_backprop": self.enable_backprop,
-        }
+        state = self._common_state()
+        state.update(structure=self._structure.value, H=self._curvature.state_dict())
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a fitted approximation saved by :meth:`state_dict`.
@@ -509,37 +370,16 @@ class ParametricLaplace(EvidenceMixin, BaseLaplace):
             ValueError: If the state was saved from another class, structure, likelihood or
                 a model with other parameter shapes.
         """
-        expected = {
-            "cls_name": type(self).__name__,
-            "structure": self._structure.value,
-            "likelihood": self.likelihood.value,
-            "param_shapes": [list(p.shape) for p in self.params],
-        }
-        for key, value in expected.items():
-            if key not in state_dict:
-                raise ValueError(f"state_dict has no {key!r}: it was not saved by state_dict()")
-            if state_dict[key] != value:
-                raise ValueError(
-                    f"state_dict was saved with {key}={state_dict[key]!r}, this object has "
-                    f"{key}={value!r}"
-                )
+        self._check_state(state_dict, {"structure": self._structure.value})
         H = self._new_curvature()
         H.load_state_dict(state_dict["H"])
         self._curvature = H
-        device, dtype = self._device, self._dtype
-        self.mean = state_dict["mean"].to(device=device, dtype=dtype)
-        self.loss = state_dict["loss"].to(device=device, dtype=self._accumulation_dtype)
-        self.n_data, self.n_outputs = state_dict["n_data"], state_dict["n_outputs"]
-        self.prior_mean = state_dict["prior_mean"]
-        self.prior_precision = state_dict["prior_precision"]
-        self.sigma_noise = state_dict["sigma_noise"]
-        self.temperature = state_dict["temperature"]
-        self.enable_backprop = state_dict["enable_backprop"]
-        self._posterior_cache = None
+        self._load_common_state(state_dict)
 
 
 # The per-structure classes and LowRankLaplace live in their own modules (they subclass
 # ParametricLaplace, so they are imported last) and are re-exported for the public import paths
 # ``laplace.baselaplace.FullLaplace`` and so on.
+from laplace.functional import BaseFunctionalLaplace, FunctionalLaplace  # noqa: E402
 from laplace.lowrank import LowRankLaplace  # noqa: E402
 from laplace.structures import DiagLaplace, FullLaplace, KronLaplace  # noqa: E402

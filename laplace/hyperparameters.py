@@ -13,6 +13,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
+from laplace.errors import HyperparameterTypeError
 from laplace.posterior.base import expand_prior
 from laplace.utils.enums import Likelihood
 
@@ -26,7 +27,9 @@ def _as_tensor(value: object, name: str, device: torch.device, dtype: torch.dtyp
         return value.to(device=device, dtype=dtype)
     if isinstance(value, Real) and not isinstance(value, bool):
         return torch.tensor(float(value), device=device, dtype=dtype)
-    raise TypeError(f"{name} must be a number or a torch.Tensor, got {type(value).__name__}")
+    raise HyperparameterTypeError(
+        f"{name} must be a number or a torch.Tensor, got {type(value).__name__}"
+    )
 
 
 def _check_positive(value: Tensor, name: str) -> None:
@@ -45,6 +48,12 @@ class HyperparameterMixin:
     """
 
     _posterior_cache: object | None = None
+
+    @property
+    def _parameters_known(self) -> bool:
+        """Whether the parameters are known; while they are not (a last layer found on the
+        first batch of ``fit``), the checks of the prior against them wait until they are."""
+        return True
 
     def _init_hyperparameters(
         self,
@@ -71,13 +80,14 @@ class HyperparameterMixin:
                 f"prior_precision must be a scalar or a 1-d tensor, got shape {tuple(value.shape)}"
             )
         value = value.reshape(-1)
-        if value.numel() not in (1, self._n_blocks, self._n_posterior):
-            raise ValueError(
-                f"prior_precision must have 1 (scalar), {self._n_blocks} (layerwise) or "
-                f"{self._n_posterior} (diagonal) entries, got {value.numel()}"
-            )
         _check_positive(value, "prior_precision")
-        self._check_prior_structure(value)
+        if self._parameters_known:
+            if value.numel() not in (1, self._n_blocks, self._n_posterior):
+                raise ValueError(
+                    f"prior_precision must have 1 (scalar), {self._n_blocks} (layerwise) or "
+                    f"{self._n_posterior} (diagonal) entries, got {value.numel()}"
+                )
+            self._check_prior_structure(value)
         self._prior_precision = value
         self._posterior_cache = None
 
@@ -116,9 +126,13 @@ class HyperparameterMixin:
     @prior_mean.setter
     def prior_mean(self, value: float | Tensor) -> None:
         value = _as_tensor(value, "prior_mean", self._device, self._dtype)
+        if value.ndim > 1:
+            raise ValueError(
+                f"prior_mean must be a scalar or a 1-d tensor, got shape {tuple(value.shape)}"
+            )
         if value.numel() == 1:
             value = value.reshape(())
-        elif value.ndim != 1 or value.numel() != self._n_posterior:
+        elif self._parameters_known and value.numel() != self._n_posterior:
             raise ValueError(
                 f"prior_mean must be a scalar or have shape ({self._n_posterior},), "
                 f"got shape {tuple(value.shape)}"
@@ -135,7 +149,7 @@ class HyperparameterMixin:
     @sigma_noise.setter
     def sigma_noise(self, value: float | Tensor) -> None:
         value = _as_tensor(value, "sigma_noise", self._device, self._dtype)
-        if value.numel() != 1:
+        if value.ndim > 1 or value.numel() != 1:
             raise ValueError(
                 "sigma_noise must be a scalar (only homoscedastic noise is supported), "
                 f"got shape {tuple(value.shape)}"
@@ -157,7 +171,7 @@ class HyperparameterMixin:
     @temperature.setter
     def temperature(self, value: float) -> None:
         if isinstance(value, bool) or not isinstance(value, (Real, Tensor)):
-            raise TypeError(f"temperature must be a positive number, got {value!r}")
+            raise HyperparameterTypeError(f"temperature must be a positive number, got {value!r}")
         if not float(value) > 0 or not math.isfinite(float(value)):
             raise ValueError(f"temperature must be positive and finite, got {value!r}")
         self._temperature = float(value)

@@ -6,13 +6,14 @@ from typing import Any
 
 from torch import nn
 
+from laplace.base import BaseLaplace
 from laplace.baselaplace import (
     DiagLaplace,
     FullLaplace,
     KronLaplace,
     LowRankLaplace,
-    ParametricLaplace,
 )
+from laplace.functional import FunctionalLaplace, FunctionalLLLaplace
 from laplace.lllaplace import DiagLLLaplace, FullLLLaplace, KronLLLaplace
 from laplace.subnetlaplace import DiagSubnetLaplace, FullSubnetLaplace
 from laplace.utils.enums import (
@@ -25,7 +26,7 @@ from laplace.utils.enums import (
 
 __all__ = ["Laplace"]
 
-_GRID: dict[tuple[SubsetOfWeights, HessianStructure], type[ParametricLaplace]] = {
+_GRID: dict[tuple[SubsetOfWeights, HessianStructure], type[BaseLaplace]] = {
     (SubsetOfWeights.ALL, HessianStructure.FULL): FullLaplace,
     (SubsetOfWeights.ALL, HessianStructure.KRON): KronLaplace,
     (SubsetOfWeights.ALL, HessianStructure.DIAG): DiagLaplace,
@@ -35,7 +36,12 @@ _GRID: dict[tuple[SubsetOfWeights, HessianStructure], type[ParametricLaplace]] =
     (SubsetOfWeights.LAST_LAYER, HessianStructure.DIAG): DiagLLLaplace,
     (SubsetOfWeights.SUBNETWORK, HessianStructure.FULL): FullSubnetLaplace,
     (SubsetOfWeights.SUBNETWORK, HessianStructure.DIAG): DiagSubnetLaplace,
+    (SubsetOfWeights.ALL, HessianStructure.GP): FunctionalLaplace,
+    (SubsetOfWeights.LAST_LAYER, HessianStructure.GP): FunctionalLLLaplace,
 }
+
+_FUNCTIONAL: dict[FunctionalApproximation, type[BaseLaplace]] = {}
+"""The all-weights function-space classes other than subset of data, by approximation."""
 
 
 def Laplace(
@@ -46,7 +52,7 @@ def Laplace(
     *args: Any,
     functional_approximation: FunctionalApproximation | str = FunctionalApproximation.SOD,
     **kwargs: Any,
-) -> ParametricLaplace:
+) -> BaseLaplace:
     """Build the Laplace approximation for a subset of weights and a Hessian structure.
 
     Args:
@@ -59,14 +65,25 @@ def Laplace(
         **kwargs: Passed on to the class.
 
     Returns:
-        An instance of the matching class, e.g. ``KronLaplace`` for ``("all", "kron")``.
+        An instance of the matching class, e.g. ``KronLaplace`` for ``("all", "kron")``; for
+        ``"gp"``: ``FunctionalLaplace`` / ``FunctionalLLLaplace`` (``"sod"``), ``ELLA``
+        (``"nystrom"``) or ``VaLLA`` (``"variational"``, all weights only).
 
     Raises:
         ValueError: For unknown strings or a combination the library does not offer.
     """
     subset = parse_enum(SubsetOfWeights, subset_of_weights, "subset_of_weights")
     structure = parse_enum(HessianStructure, hessian_structure, "hessian_structure")
-    parse_enum(FunctionalApproximation, functional_approximation, "functional_approximation")
+    approximation = parse_enum(
+        FunctionalApproximation, functional_approximation, "functional_approximation"
+    )
+    if structure == HessianStructure.GP and approximation != FunctionalApproximation.SOD:
+        if subset != SubsetOfWeights.ALL or approximation not in _FUNCTIONAL:
+            raise ValueError(
+                f"functional_approximation={approximation.value!r} is offered for "
+                f"subset_of_weights='all' only, got {subset.value!r}"
+            )
+        return _FUNCTIONAL[approximation](model, likelihood, *args, **kwargs)
     cls = _GRID.get((subset, structure))
     if cls is None:
         offered = ", ".join(f"({s.value!r}, {h.value!r})" for s, h in _GRID)

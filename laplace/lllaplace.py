@@ -47,15 +47,24 @@ from laplace.curvature.linear import (
     linear_kron_ggn,
     output_curvature,
 )
-from laplace.hyperparameters import _as_tensor, _check_positive
+from laplace.last_layer import LastLayerMixin
 from laplace.posterior.base import Curvature
-from laplace.subsets import LastLayer
-from laplace.utils.data import Inputs, all_finite, check_finite_inputs, dataset_size, unpack_batch
-from laplace.utils.enums import Likelihood, parse_enum
-from laplace.utils.feature_extractor import FeatureExtractor, FeatureReduction
+from laplace.utils.data import (
+    Inputs,
+    all_finite,
+    check_finite_inputs,
+)
+from laplace.utils.enums import Likelihood
+from laplace.utils.feature_extractor import FeatureReduction
 from laplace.utils.matrix import Kron
 
-__all__ = ["LLLaplace", "FullLLLaplace", "KronLLLaplace", "DiagLLLaplace"]
+__all__ = [
+    "LLLaplace",
+    "FullLLLaplace",
+    "KronLLLaplace",
+    "DiagLLLaplace",
+    "FunctionalLLLaplace",
+]
 
 
 def _check_finite(curvature: Tensor | Kron) -> Tensor | Kron:
@@ -73,7 +82,7 @@ def _check_finite(curvature: Tensor | Kron) -> Tensor | Kron:
     return curvature
 
 
-class LLLaplace(ParametricLaplace):
+class LLLaplace(LastLayerMixin, ParametricLaplace):
     """Laplace approximation over the parameters of the last ``nn.Linear`` layer.
 
     Subclasses declare the structure (and the closed-form curvature ``_linear_curvature``).
@@ -98,8 +107,9 @@ class LLLaplace(ParametricLaplace):
 
     _linear_curvature: ClassVar[Callable[..., Tensor | Kron]]
 
-    def _unfitted_H(self) -> None:
-        return None  # as in laplace-torch
+    def _unfitted_H(self) -> Tensor | Kron | None:
+        """Zeros once the last layer is known (by name), None before, as in laplace-torch."""
+        return super()._unfitted_H() if self.subset.ready else None
 
     def __init__(
         self,
@@ -119,18 +129,7 @@ class LLLaplace(ParametricLaplace):
         asdl_fisher_kwargs: dict[str, Any] | None = None,
         **structure_kwargs: Any,
     ) -> None:
-        if isinstance(model, FeatureExtractor):
-            extractor = model
-            if last_layer_name is not None:
-                extractor.set_last_layer(last_layer_name)
-            if feature_reduction is not None:
-                extractor.feature_reduction = parse_enum(
-                    FeatureReduction, feature_reduction, "feature_reduction"
-                )
-        else:
-            extractor = FeatureExtractor(
-                model, last_layer_name, enable_backprop, feature_reduction
-            )
+        extractor = self._extractor(model, last_layer_name, enable_backprop, feature_reduction)
         super().__init__(
             extractor,
             likelihood,
@@ -147,49 +146,6 @@ class LLLaplace(ParametricLaplace):
             **structure_kwargs,
         )
 
-    def _make_subset(self, model: nn.Module) -> LastLayer:
-        return LastLayer(model)
-
-    @property
-    def enable_backprop(self) -> bool:
-        """Keep the predictive differentiable w.r.t. the input (held by the extractor)."""
-        return self.subset.extractor.enable_backprop
-
-    @enable_backprop.setter
-    def enable_backprop(self, value: bool) -> None:
-        self.subset.extractor.enable_backprop = bool(value)
-
-    @property
-    def _device(self) -> torch.device:
-        return self.subset.reference.device
-
-    @property
-    def _dtype(self) -> torch.dtype:
-        return self.subset.reference.dtype
-
-    def _init_hyperparameters(
-        self,
-        sigma_noise: float | Tensor,
-        prior_precision: float | Tensor,
-        prior_mean: float | Tensor,
-        temperature: float,
-    ) -> None:
-        """Check what is independent of the last layer now and the rest once it is known."""
-        if self.subset.ready:
-            super()._init_hyperparameters(sigma_noise, prior_precision, prior_mean, temperature)
-            return
-        prior_precision = _as_tensor(prior_precision, "prior_precision", self._device, self._dtype)
-        if prior_precision.ndim > 1:
-            raise ValueError(
-                "prior_precision must be a scalar or a 1-d tensor, got shape "
-                f"{tuple(prior_precision.shape)}"
-            )
-        _check_positive(prior_precision, "prior_precision")
-        self._prior_precision = prior_precision.reshape(-1)
-        self._prior_mean = _as_tensor(prior_mean, "prior_mean", self._device, self._dtype)
-        self.sigma_noise = sigma_noise
-        self.temperature = temperature
-
     _whole_backend: Any = None
     _folded_fit: bool | None = None
     """Whether the model folds rows into the last layer's batch; None until a fit sees it."""
@@ -201,6 +157,12 @@ class LLLaplace(ParametricLaplace):
         self.prior_mean = self._prior_mean
         self.mean = self.subset.mean()
 
+    def _prior_mean_vector(self) -> Tensor | None:
+        """The prior mean as a ``(params,)`` vector; None while the last layer is unknown."""
+        if not self.subset.ready:
+            return None
+        return super()._prior_mean_vector()
+
     # ------------------------------------------------------------------ fit
     def fit(self, train_loader: Any, override: bool = True, progress_bar: bool = False) -> None:
         """Fit the curvature of the last layer; finds it on the first batch if not known.
@@ -209,18 +171,14 @@ class LLLaplace(ParametricLaplace):
             ValueError: As :meth:`ParametricLaplace.fit`, for a model without an
                 ``nn.Linear`` last layer, or a prior that does not fit the last layer.
         """
-        if not self.subset.ready:
-            dataset_size(train_loader)
-            batch = next(iter(train_loader), None)
-            if batch is None:
-                raise ValueError("train_loader yielded no batches")
-            X, _ = unpack_batch(batch, self.dict_key_x, self.dict_key_y, self._device)
-            with torch.no_grad():
-                self.subset.extractor.find_last_layer(X)
-        if self.mean is None:
+        super().fit(train_loader, override=override, progress_bar=progress_bar)
+
+    def _fit(self, train_loader: Any, override: bool, progress_bar: bool) -> None:
+        self._find_last_layer(train_loader)
+        if self._mean is None:
             self._adopt_last_layer()
         self._folded_fit = None  # known after the first batch
-        super().fit(train_loader, override=override, progress_bar=progress_bar)
+        super()._fit(train_loader, override, progress_bar)
 
     def _set_n_outputs(self, X: Inputs) -> None:
         n_outputs = self.subset.layer.out_features
@@ -237,7 +195,8 @@ class LLLaplace(ParametricLaplace):
 
     def _linear_step(self, X: Inputs, y: Tensor) -> tuple[Tensor, Tensor, OutputCurvature] | None:
         """``(loss, phi, Lambda)`` of a batch from one forward pass; None if the model folds
-        several rows per sample into the last layer's batch (see :meth:`_curvature_step`).
+        several rows per sample into the last layer's batch, or its output is not the last
+        layer applied to the (reduced) features (see :meth:`_curvature_step`).
 
         Raises:
             ValueError: For an output that does not match the last layer, or bad targets.
@@ -251,8 +210,12 @@ class LLLaplace(ParametricLaplace):
                 f"model output must have shape (batch, outputs) = ({phi.shape[0]}, "
                 f"{self.n_outputs}) like the last layer's, got {tuple(f.shape)}"
             )
+        if not self.subset.applies_layer(f, phi):
+            return None
         y = backend._check_targets(y, f)
-        return backend.factor * backend.lossfunc(f, y), phi, output_curvature(backend, f)
+        options = backend.curvature_options(self._structure, self._asdl_fisher_kwargs)
+        lam = output_curvature(backend, f, options)
+        return backend.factor * backend.lossfunc(f, y), phi, lam
 
     def _folds(self, f: Tensor, phi: Tensor) -> bool:
         """Whether the last layer sees ``R > 1`` rows per sample whose outputs the model
@@ -264,9 +227,12 @@ class LLLaplace(ParametricLaplace):
         """Closed-form GGN from one forward pass; other backends are asked directly.
 
         A model that folds several rows per sample into the last layer's batch (its output
-        is the last layer's reshaped) couples those rows through the loss: its curvature is
-        that of the whole network w.r.t. the last-layer parameters, computed by the backend
-        on the whole model (as ``laplace-torch`` does).
+        is the last layer's reshaped) couples those rows through the loss, and a model whose
+        output is not the last layer applied to the reduced features (a sequence classifier
+        pooling at the last real token of right-padded inputs, with ``pick_last``) has no
+        closed form from them: their curvature is that of the whole network w.r.t. the
+        last-layer parameters, computed by the backend on the whole model (as
+        ``laplace-torch`` does).
         """
         if self._closed_form():
             step = self._linear_step(X, y)
@@ -288,7 +254,8 @@ class LLLaplace(ParametricLaplace):
         """:meth:`_folds` on the first batch of a fit (one extra forward pass per fit, for
         backends without the closed form), remembered for the other batches."""
         if self._folded_fit is None:
-            self._folded_fit = self._folds(*self.subset.features(X))
+            f, phi = self.subset.features(X)
+            self._folded_fit = self._folds(f, phi) or not self.subset.applies_layer(f, phi)
         return self._folded_fit
 
     def _whole_model_backend(self) -> Any:
@@ -324,6 +291,12 @@ class LLLaplace(ParametricLaplace):
             )
         return f, phi
 
+    def _whole_model_jacobians(self, X: Inputs) -> tuple[Tensor, Tensor]:
+        """``(Js, f)`` w.r.t. the last layer's parameters through the whole model, for
+        outputs that are not the last layer applied to the features."""
+        backend = self._whole_model_backend()
+        return self._memo("jacobians", X, lambda: backend.jacobians(X, self.enable_backprop))
+
     def _glm_predictive_distribution(
         self, X: Inputs, joint: bool = False
     ) -> tuple[Tensor, Tensor]:
@@ -331,6 +304,11 @@ class LLLaplace(ParametricLaplace):
         if bias is None:
             return super()._glm_predictive_distribution(X, joint=joint)
         f_mu, phi = self._features_for_predictive(X)
+        if not self.subset.applies_layer(f_mu, phi):
+            Js, f_mu = self._whole_model_jacobians(X)
+            if joint:
+                return f_mu.reshape(-1), self.functional_covariance(Js)
+            return f_mu, self.functional_variance(Js)
         if joint:
             return f_mu.reshape(-1), self.posterior.inv_quad_linear_joint(phi, bias)
         return f_mu, self.posterior.inv_quad_linear(phi, bias)
@@ -357,6 +335,9 @@ class LLLaplace(ParametricLaplace):
         if bias is None:
             return super()._glm_predictive_diagonal(X)
         f_mu, phi = self._features_for_predictive(X)
+        if not self.subset.applies_layer(f_mu, phi):
+            Js, f_mu = self._whole_model_jacobians(X)
+            return f_mu, self.functional_variance(Js).diagonal(dim1=-2, dim2=-1)
         return f_mu, self.posterior.inv_quad_linear(phi, bias, diagonal=True)
 
     def _nn_samples(
@@ -365,38 +346,11 @@ class LLLaplace(ParametricLaplace):
         """Outputs at last-layer samples on features computed once, ``(n_samples, batch, out)``."""
         thetas = self.sample(n_samples, generator)
         with nullcontext() if self.enable_backprop else torch.no_grad():
-            _, phi = self.subset.features(X, self.enable_backprop, **model_kwargs)
-            return self.subset.apply_at(phi, thetas)
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        """As :meth:`ParametricLaplace.state_dict`, plus the name of the last layer."""
-        state = super().state_dict()
-        state["last_layer_name"] = self.subset.extractor.last_layer_name
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a fitted approximation; adopts the saved last layer if none is known yet.
-
-        Raises:
-            ValueError: If the state comes from another class, structure, likelihood, last
-                layer or a model with other last-layer shapes.
-        """
-        name = state_dict.get("last_layer_name")
-        extractor = self.subset.extractor
-        if name is None:
-            raise ValueError(
-                "state_dict has no 'last_layer_name': it was saved with cls_name="
-                f"{state_dict.get('cls_name')!r}, not by a last-layer Laplace"
-            )
-        if extractor.last_layer_name is None:
-            extractor.set_last_layer(name)
-        elif name != extractor.last_layer_name:
-            raise ValueError(
-                f"state_dict was saved with last_layer_name={name!r}, this object has "
-                f"last_layer_name={extractor.last_layer_name!r}"
-            )
-        super().load_state_dict(state_dict)
+            f, phi = self.subset.features(X, self.enable_backprop, **model_kwargs)
+            if self.subset.applies_layer(f, phi):
+                return self.subset.apply_at(phi, thetas)
+            outs = [self.subset.whole_forward_at(X, t, **model_kwargs) for t in thetas]
+            return torch.stack(outs)
 
 
 class FullLLLaplace(LLLaplace, FullLaplace):
@@ -516,3 +470,8 @@ class KronLLLaplace(LLLaplace, KronLaplace):
             asdl_fisher_kwargs=asdl_fisher_kwargs,
             damping=damping,
         )
+
+
+# The function-space last-layer class lives with the other function-space classes and is
+# re-exported for the public import path ``laplace.lllaplace.FunctionalLLLaplace``.
+from laplace.functional.sod import FunctionalLLLaplace  # noqa: E402

@@ -182,11 +182,10 @@ class LowRankLaplace(ParametricLaplace):
                 "cannot be updated with new data; fit again on all the data"
             )
         super().fit(train_loader, override=True, progress_bar=progress_bar)
-        try:
-            self._curvature = self._lanczos_curvature(train_loader)
-        except Exception:
-            self.n_data = None
-            raise
+
+    def _fit(self, train_loader: Any, override: bool, progress_bar: bool) -> None:
+        super()._fit(train_loader, override, progress_bar)
+        self._curvature = self._lanczos_curvature(train_loader)
         self._posterior_cache = None
 
     def _curvature_step(self, X: Inputs, y: Tensor, n_data: int) -> tuple[Tensor, None]:
@@ -201,7 +200,9 @@ class LowRankLaplace(ParametricLaplace):
         """Nothing to merge: ``fit`` replaces ``H`` after the loss pass."""
 
     def _lanczos_curvature(self, train_loader: Any) -> LowRankCurvature:
-        matvec = curvature_matvec(self.backend, train_loader, self.n_data)
+        matvec = curvature_matvec(
+            self.backend, train_loader, self.n_data, self._asdl_fisher_kwargs
+        )
         generator = torch.Generator(device=self._device).manual_seed(self.lanczos_seed)
         eigenvalues, eigenvectors = lanczos_eigh(
             matvec,

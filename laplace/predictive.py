@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from laplace.utils.data import Inputs
+from laplace.errors import InputMismatchError
+from laplace.utils.data import Inputs, check_input_dtype, per_sample_shape
 from laplace.utils.enums import Likelihood, LinkApprox, PredType, parse_enum
 from laplace.utils.utils import normal_samples
 
@@ -179,6 +181,49 @@ class PredictiveMixin:
         pred_type = parse_enum(PredType, pred_type, "pred_type")
         link_approx = parse_enum(LinkApprox, link_approx, "link_approx")
         self._check_predict_args(pred_type, n_samples, generator)
+        with self._explained_input_errors(x):
+            return self._predict(
+                x,
+                pred_type,
+                joint,
+                link_approx,
+                n_samples,
+                diagonal_output,
+                generator,
+                fitting,
+                **model_kwargs,
+            )
+
+    @contextmanager
+    def _explained_input_errors(self, x: Inputs) -> Iterator[None]:
+        """Check the dtype of ``x``; turn PyTorch's shape errors for inputs whose per-sample
+        shape differs from the training inputs' into an :class:`InputMismatchError` that
+        names both shapes (other errors pass unchanged)."""
+        check_input_dtype(x, self._dtype, self.dict_key_x)
+        try:
+            yield
+        except RuntimeError as error:
+            seen, given = self._input_shape, per_sample_shape(x)
+            if isinstance(error, InputMismatchError) or seen is None or given in (None, seen):
+                raise
+            raise InputMismatchError(
+                f"x has per-sample shape {given} (x.shape = {tuple(x.shape)}), the model was "
+                f"fitted on inputs of per-sample shape {seen}: {error}"
+            ) from error
+
+    def _predict(
+        self,
+        x: Inputs,
+        pred_type: PredType,
+        joint: bool,
+        link_approx: LinkApprox,
+        n_samples: int,
+        diagonal_output: bool,
+        generator: torch.Generator | None,
+        fitting: bool,
+        **model_kwargs: Any,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """:meth:`__call__` after its checks."""
         likelihood = self._predictive_likelihood(fitting)
         if pred_type == PredType.NN:
             samples = self._nn_samples(x, n_samples, generator, **model_kwargs)
@@ -268,10 +313,11 @@ class PredictiveMixin:
         """Samples of the network output before the link, ``(n_samples, batch, outputs)``."""
         pred_type = parse_enum(PredType, pred_type, "pred_type")
         self._check_predict_args(pred_type, n_samples, generator)
-        if pred_type == PredType.NN:
-            return self._nn_samples(x, n_samples, generator)
-        if diagonal_output:
-            f_mu, f_var = self._glm_predictive_diagonal(x)
-        else:
-            f_mu, f_var = self._glm_predictive_distribution(x)
+        with self._explained_input_errors(x):
+            if pred_type == PredType.NN:
+                return self._nn_samples(x, n_samples, generator)
+            if diagonal_output:
+                f_mu, f_var = self._glm_predictive_diagonal(x)
+            else:
+                f_mu, f_var = self._glm_predictive_distribution(x)
         return glm_samples(f_mu, f_var, n_samples, diagonal_output, generator)

@@ -132,6 +132,12 @@ class SubnetLaplace(ParametricLaplace):
         """Number of parameters in the subnetwork."""
         return self.subset.indices.numel()
 
+    def _prior_mean_vector(self) -> Tensor:
+        """All trainable parameters with the subnetwork entries at the prior mean (the mean of
+        the approximation before :meth:`fit`; the other entries are fixed at the MAP)."""
+        prior = self.prior_mean.expand(1, self.n_params_subnet)
+        return self.subset.embed(self.subset.mean(), prior)[0]
+
     @property
     def mean_subnet(self) -> Tensor:
         """The MAP estimate of the subnetwork parameters, shape ``(n_params_subnet,)``."""

@@ -206,6 +206,44 @@ class LastLayer:
         _, phi = self.features(X, torch.is_grad_enabled(), **model_kwargs)
         return self.apply_at(phi, theta.reshape(1, -1))[0]
 
+    def whole_forward_at(self, X: Inputs, theta: Tensor, **model_kwargs: Any) -> Tensor:
+        """The model output with the last layer's parameters replaced by ``theta``, by a
+        forward pass of the whole model (for outputs that are not the last layer applied to
+        the reduced features, see :meth:`applies_layer`)."""
+        prefix = f"{self.extractor.last_layer_name}."
+        chunks = torch.split(theta, self.sizes)
+        replaced = {
+            prefix + name: chunk.view_as(p)
+            for (name, p), chunk in zip(self.named_params.items(), chunks)
+        }
+        return functional_call(self.extractor.model, replaced, (X,), model_kwargs)
+
+    def applies_layer(self, f: Tensor, phi: Tensor) -> bool:
+        """Whether the output ``f`` is the last layer applied to the features ``phi`` row by
+        row (to round-off), the premise of every closed form from the features.
+
+        It is not, for instance, when a sequence model pools its logits at the last real
+        token but ``feature_reduction="pick_last"`` picks the last position (padding).
+        """
+        if f.ndim != 2 or phi.ndim != 2 or f.shape[0] != phi.shape[0]:
+            return False
+        layer = self.layer
+        with torch.no_grad():
+            expected = layer(phi.detach())
+            if expected.shape != f.shape:
+                return False
+            # the round-off bound of a length-d dot product, gamma_d |phi| |W|^T (+ |b|)
+            bound = phi.detach().abs() @ layer.weight.abs().mT
+            if layer.bias is not None:
+                bound = bound + layer.bias.abs()
+            eps = torch.finfo(f.dtype).eps
+            if f.is_cuda and f.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+                eps = 2.0**-10  # TensorFloat-32 products
+            allowed = (
+                4 * phi.shape[1] * eps * (bound + f.detach().abs()) + torch.finfo(f.dtype).tiny
+            )
+            return bool(((expected - f.detach()).abs() <= allowed).all())
+
 
 def _listed(values: Tensor, limit: int = 10) -> str:
     """At most ``limit`` values of a tensor as a readable list."""

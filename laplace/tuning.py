@@ -144,8 +144,11 @@ class PriorTuningMixin:
         # once per batch (see `PredictiveMemo`).
         self._check_fitted()
         batches = [_to_device(batch, self._device) for batch in val_loader]
-        memo = PredictiveMemo() if pred_type == PredType.GLM else None
-        self._predictive_memo = self._curvature.memo = memo
+        memo = PredictiveMemo() if pred_type in (PredType.GLM, PredType.GP) else None
+        curvature = getattr(self, "_curvature", None)  # function-space classes have none
+        self._predictive_memo = memo
+        if curvature is not None:
+            curvature.memo = memo
         best_value, best_loss = grid[0], float("inf")
         try:
             for prior_prec in tqdm(grid, desc="gridsearch", disable=not progress):
@@ -165,7 +168,9 @@ class PriorTuningMixin:
                 if result < best_loss:
                     best_value, best_loss = prior_prec, result
         finally:
-            self._predictive_memo = self._curvature.memo = None
+            self._predictive_memo = None
+            if curvature is not None:
+                curvature.memo = None
         return best_value
 
 

@@ -129,12 +129,24 @@ def test_sequence_features_without_reduction_are_returned_whole():
     assert phi.shape == (2, 5, 4)
 
 
-def test_reduction_of_four_dimensional_features_is_rejected():
+@pytest.mark.parametrize("reduction", ["pick_first", "pick_last", "average"])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 3), (1, 2, 2, 4, 3)], ids=["4d", "5d-batch1"])
+def test_reduction_of_higher_dimensional_features(reduction, shape):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
-    extractor = FeatureExtractor(model, feature_reduction="average")
-    with pytest.raises(ValueError, match=r"\(batch, seq, dim\)"):
-        extractor.forward_with_features(randn(2, 3, 5, 3))
+    extractor = FeatureExtractor(model, feature_reduction=reduction)
+    x = randn(*shape)
+    _, phi = extractor.forward_with_features(x)
+    with torch.no_grad():
+        hidden = model[0](x)  # the last layer's input, (batch, ..., 4)
+    middle = [hidden[b].reshape(-1, 4) for b in range(shape[0])]  # the positions, row-major
+    expected = {
+        "pick_first": torch.stack([m[0] for m in middle]),
+        "pick_last": torch.stack([m[-1] for m in middle]),
+        "average": torch.stack([m.sum(0) / m.shape[0] for m in middle]),
+    }[reduction]
+    assert phi.shape == (shape[0], 4)
+    torch.testing.assert_close(phi, expected)
 
 
 def test_unknown_feature_reduction():
@@ -144,13 +156,15 @@ def test_unknown_feature_reduction():
 
 @pytest.mark.parametrize(
     ("name", "match"),
-    [("fc", r"'fc' \(not found\)"), ("1", r"'1' \(not an nn.Linear\)")],
+    [("fc", r"'fc' \(not found\)"), ("1", r"'1' \(not an nn.Linear: a Tanh\)")],
     ids=["missing", "not-linear"],
 )
 def test_bad_last_layer_name_lists_valid_names(name, match):
     with pytest.raises(ValueError, match=match) as info:
         FeatureExtractor(make_mlp(), last_layer_name=name)
     assert "nn.Linear modules: ['0', '2']" in str(info.value)
+    # laplace-torch raises KeyError for a missing name: except clauses for it keep working
+    assert isinstance(info.value, KeyError) == (name == "fc")
 
 
 @pytest.mark.parametrize(

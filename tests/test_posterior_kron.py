@@ -185,13 +185,13 @@ def test_per_parameter_prior_is_rejected():
 def test_with_prior_reuses_the_cached_decomposition(monkeypatch):
     curvature = _fitted()
     calls = []
-    original = matrix_module.symeig
+    original = matrix_module.psd_eigh
 
     def counting_symeig(M):
         calls.append(M.shape)
         return original(M)
 
-    monkeypatch.setattr(matrix_module, "symeig", counting_symeig)
+    monkeypatch.setattr(matrix_module, "psd_eigh", counting_symeig)
     n_factors = sum(len(f) for f in curvature.H.kfacs)
     first = curvature.with_prior(torch.tensor([1.0]), torch.tensor(1.0))
     second = curvature.with_prior(torch.tensor([2.0, 1.0, 3.0, 1.0]), torch.tensor(0.5))

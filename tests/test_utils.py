@@ -52,26 +52,71 @@ def test_symeig_clamps_negative_eigenvalues():
     torch.testing.assert_close(values, torch.tensor([0.0, 0.0, 1.0, 2.0]))
 
 
-@pytest.mark.parametrize("solver", ["eigh", "eigvalsh"])
-def test_eigensolvers_retry_with_jitter(solver, monkeypatch):
-    from laplace.utils.utils import psd_eigenvalues
+@pytest.mark.parametrize(
+    ("solver", "jitter"),
+    [("symeig", 1.0), ("psd_eigh", 1e-6), ("psd_eigenvalues", 1e-6)],
+)
+def test_eigensolvers_retry_with_jitter(solver, jitter, monkeypatch):
+    """One retry on ``M + jitter I`` after a failure: the identity for the public ``symeig``
+    (laplace-torch's contract), ``1e-6 I`` for the internal float64 routines."""
+    from laplace.utils import utils as utils_module
 
     M = _spd(4)
-    original = getattr(torch.linalg, solver)
+    name = "eigvalsh" if solver == "psd_eigenvalues" else "eigh"
+    original = getattr(torch.linalg, name)
     calls = []
 
-    def flaky(A):
+    def flaky(A, **kwargs):
         calls.append(A.clone())
         if len(calls) == 1:
             raise torch.linalg.LinAlgError("did not converge")
-        return original(A)
+        return original(A, **kwargs)
 
-    monkeypatch.setattr(torch.linalg, solver, flaky)
-    values = symeig(M)[0] if solver == "eigh" else psd_eigenvalues(M)
+    monkeypatch.setattr(torch.linalg, name, flaky)
+    result = getattr(utils_module, solver)(M)
+    values = result if solver == "psd_eigenvalues" else result[0]
     assert len(calls) == 2
-    torch.testing.assert_close(calls[1] - M, 1e-6 * torch.eye(4))
-    expected = original(M)[0] if solver == "eigh" else original(M)
-    torch.testing.assert_close(values, expected)
+    torch.testing.assert_close(calls[1] - M, jitter * torch.eye(4))
+    torch.testing.assert_close(values, torch.linalg.eigvalsh(M))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_symeig_works_in_the_input_dtype(dtype, monkeypatch):
+    M = _spd(5).to(dtype)
+    seen = []
+    original = torch.linalg.eigh
+
+    def recording(A, **kwargs):
+        seen.append((A.dtype, kwargs.get("UPLO", "L")))
+        return original(A, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", recording)
+    values, vectors = symeig(M)
+    assert seen == [(dtype, "U")] and values.dtype == vectors.dtype == dtype
+    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, M)
+
+
+def test_symeig_uses_the_upper_triangle():
+    M = _spd(4)
+    garbage_below = M.triu() + torch.full((4, 4), 7.0).tril(-1)
+    torch.testing.assert_close(symeig(garbage_below)[0], torch.linalg.eigvalsh(M))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_symeig_rejects_non_finite_matrices(bad):
+    M = _spd(3)
+    M[0, 1] = M[1, 0] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        symeig(M)
+
+
+def test_symeig_raises_when_the_retry_fails_too(monkeypatch):
+    def failing(A, **kwargs):
+        raise torch.linalg.LinAlgError("did not converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing)
+    with pytest.raises(torch.linalg.LinAlgError):
+        symeig(_spd(3))
 
 
 @pytest.mark.parametrize("shape", [(6, 6), (3, 4, 4)], ids=["single", "batched"])

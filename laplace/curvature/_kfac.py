@@ -11,7 +11,10 @@ softmax root has one row fewer than the number of classes. The input-side factor
 (unfolded patches for ``nn.Conv2d``), with the "expand" treatment of weight sharing
 (Eschenhagen et al., 2023): a linear layer that sees a sequence per sample counts its
 positions as ``R``; one that sees them folded into its first dimension counts every row as a
-data point (``R = 1``), as ``curvlinops`` and therefore ``laplace-torch`` do.
+data point (``R = 1``), as ``curvlinops`` and therefore ``laplace-torch`` do. With the
+"reduce" treatment (``reduce=True``) a sample's ``R`` inputs are averaged and its ``R`` output
+gradients summed before the outer products: ``A = 1 / N sum_n abar_n abar_n^T`` and
+``B = sum_{n, k} gsum_nk gsum_nk^T``, as ``curvlinops`` with ``kfac_approx="reduce"``.
 
 The convention is that of :mod:`laplace.curvature.curvlinops` (its module docstring), whose
 ``kron`` uses this path where it applies and ``curvlinops.KFACLinearOperator`` otherwise:
@@ -28,6 +31,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from laplace.curvature._fallback import FastPath, run_with_fallback
 from laplace.utils.data import Inputs
 from laplace.utils.precision import gram
 
@@ -102,50 +106,71 @@ def _layer_owners(
     return None if any(o is None for o in owners) else owners
 
 
-def _input_rows(layer: nn.Module, a: Tensor) -> tuple[Tensor, int]:
+def _input_rows(layer: nn.Module, a: Tensor, reduce: bool = False) -> tuple[Tensor, int]:
     """Layer inputs as rows that multiply the flattened weight, and the weight-sharing size.
 
     The size ``R`` is the product of the input's dimensions between the first and the last
     (the output pixels of a convolution): a layer that sees its inputs folded into the
     first dimension (``(batch * R, in)``) counts each row as a data point, as
-    ``curvlinops`` does.
+    ``curvlinops`` does. With ``reduce`` ("reduce", Eschenhagen et al., 2023) a row is the
+    mean of a sample's ``R`` rows, and the size returned is 1.
 
     Shapes:
-        ``-> (rows, in)``
+        ``-> (rows, in)``: ``rows = batch * R``, or ``batch`` with ``reduce``
     """
     if isinstance(layer, nn.Conv2d):
         cols = nn.functional.unfold(
             a, layer.kernel_size, layer.dilation, layer.padding, layer.stride
         )
+        if reduce:
+            return cols.mean(dim=2), 1
         return cols.transpose(1, 2).reshape(-1, cols.shape[1]), cols.shape[2]
+    if reduce:
+        return a.reshape(a.shape[0], -1, a.shape[-1]).mean(dim=1), 1
     return a.reshape(-1, a.shape[-1]), a.shape[1:-1].numel()
 
 
-def _output_rows(layer: nn.Module, g: Tensor) -> Tensor:
-    """Output gradients ``(k, batch, out, ...)`` or ``(k, batch, ..., out)`` as rows."""
+def _output_rows(layer: nn.Module, g: Tensor, reduce: bool = False) -> Tensor:
+    """Output gradients ``(k, batch, out, ...)`` or ``(k, batch, ..., out)`` as rows; with
+    ``reduce`` summed over a sample's weight-sharing locations first.
+
+    Shapes:
+        ``-> (k * batch * R, out)``, or ``(k * batch, out)`` with ``reduce``
+    """
     if isinstance(layer, nn.Conv2d):
+        if reduce:
+            return g.flatten(3).sum(dim=3).reshape(-1, g.shape[2])
         return g.movedim(2, -1).reshape(-1, g.shape[2])
+    if reduce:
+        return g.reshape(g.shape[0] * g.shape[1], -1, g.shape[-1]).sum(dim=1)
     return g.reshape(-1, g.shape[-1])
 
 
-def _batched_grad(f: Tensor, outputs: list[Tensor], directions: Tensor) -> tuple[Tensor, ...]:
+def _batched_grad(
+    model: nn.Module, f: Tensor, outputs: list[Tensor], directions: Tensor
+) -> tuple[Tensor, ...]:
     """Gradients at ``outputs`` of ``f . d`` for every row ``d`` of ``directions``, stacked.
 
-    One vectorised backward pass; operations without a batching rule for it (custom autograd
-    functions, for instance) get one backward pass per row instead.
+    One vectorised backward pass; for a ``model`` with operations that have no batching rule
+    for it (custom autograd functions, for instance), one backward pass per row, from the
+    first failure on (:func:`~laplace.curvature._fallback.run_with_fallback`).
 
     Shapes:
         ``directions``: ``(k, *f.shape)`` -> each gradient ``(k, *output.shape)``
     """
-    try:
+
+    def batched() -> tuple[Tensor, ...]:
         return torch.autograd.grad(
             f, outputs, grad_outputs=directions, retain_graph=True, is_grads_batched=True
         )
-    except RuntimeError:
-        per_row = [
+
+    def per_row() -> tuple[Tensor, ...]:
+        rows = [
             torch.autograd.grad(f, outputs, grad_outputs=d, retain_graph=True) for d in directions
         ]
-        return tuple(torch.stack(parts) for parts in zip(*per_row))
+        return tuple(torch.stack(parts) for parts in zip(*rows))
+
+    return run_with_fallback(model, FastPath.BATCHED_BACKWARD, batched, per_row)
 
 
 def batch_kfac(
@@ -158,6 +183,7 @@ def batch_kfac(
     out: list[list[Tensor]] | None = None,
     scales: tuple[float, float, float] = (1.0, 1.0, 1.0),
     pending: PendingRows | None = None,
+    reduce: bool = False,
 ) -> tuple[list[list[Tensor]], Tensor] | None:
     """K-FAC factors of one batch, or None where this path does not apply.
 
@@ -176,6 +202,8 @@ def batch_kfac(
         scales: Multipliers of the weight blocks' ``B``, the bias blocks' ``B`` and ``A``.
         pending: With ``out``, where to keep the layer inputs of small batches until enough
             rows have gathered (then ``pending.flush()`` must run before ``out`` is read).
+        reduce: The "reduce" approximation for weight sharing instead of "expand" (see
+            :class:`~laplace.curvature._options.KFACApprox`).
 
     Returns:
         ``(kfacs, f)``: per parameter ``[B, A]`` for a weight and ``[B]`` for a bias, and the
@@ -215,9 +243,9 @@ def batch_kfac(
         directions = root.transpose(0, 1)  # (k, batch, outputs)
         for start in range(0, directions.shape[0], chunk):
             part = directions[start : start + chunk]
-            grads = _batched_grad(f, outputs, part)
+            grads = _batched_grad(model, f, outputs, part)
             for i, (layer, g) in enumerate(zip(layers, grads)):
-                g_gram = gram(_output_rows(layer, g.detach()), dtype or f.dtype)
+                g_gram = gram(_output_rows(layer, g.detach(), reduce), dtype or f.dtype)
                 B[i] = g_gram if B[i] is None else B[i] + g_gram
     B_of = {id(layer): b for layer, b in zip(layers, B)}
     weight_B, bias_B, input_scale = scales
@@ -226,7 +254,7 @@ def batch_kfac(
         for layer, kind in owners:
             b = B_of[id(layer)]
             if kind == "weight":
-                a_rows, sharing = _input_rows(layer, seen[id(layer)][0][0])
+                a_rows, sharing = _input_rows(layer, seen[id(layer)][0][0], reduce)
                 A = gram(a_rows, dtype or f.dtype).mul_(input_scale / (n_data * sharing))
                 kfacs.append([b * weight_B, A])
             else:
@@ -236,7 +264,7 @@ def batch_kfac(
         b = B_of[id(layer)]
         block[0].add_(b, alpha=weight_B if kind == "weight" else bias_B)
         if kind == "weight":
-            a_rows, sharing = _input_rows(layer, seen[id(layer)][0][0])
+            a_rows, sharing = _input_rows(layer, seen[id(layer)][0][0], reduce)
             scale = input_scale / (n_data * sharing)
             if pending is None:
                 gram(a_rows, dtype or f.dtype, out=block[1], scale=scale)

@@ -7,7 +7,8 @@ root of the softmax output Hessian.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -19,6 +20,24 @@ from laplace.utils.data import Inputs
 def _trainable(module: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters of ``module`` with ``requires_grad=True``, by name."""
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
+@contextmanager
+def _features_attached(extractor: Any, attached: bool) -> Iterator[None]:
+    """While ``attached``, let ``extractor`` keep its features on the autograd graph.
+
+    A :class:`~laplace.utils.FeatureExtractor` detaches its features unless it was built
+    with ``enable_backprop=True``; its flag is set for the call and restored afterwards.
+    """
+    previous = getattr(extractor, "enable_backprop", None)
+    if not attached or previous is None or previous:
+        yield
+        return
+    extractor.enable_backprop = True
+    try:
+        yield
+    finally:
+        extractor.enable_backprop = previous
 
 
 def _split_samples(x: Inputs, n: int) -> tuple[Any, Callable[[Any], Inputs]]:

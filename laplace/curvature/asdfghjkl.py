@@ -15,13 +15,15 @@ from __future__ import annotations
 import importlib.util
 from typing import Any, ClassVar
 
-from laplace.curvature.curvature import CurvatureInterface
+from laplace.curvature.curvature import CurvatureInterface, EFInterface, GGNInterface
 from laplace.utils.enums import HessianStructure
 
 try:
     from laplace.curvature.asdl import AsdlEF, AsdlGGN, AsdlHessian, AsdlInterface
 except ImportError:  # the maintained ``asdl`` module is missing as well
-    AsdlInterface = AsdlGGN = AsdlEF = AsdlHessian = CurvatureInterface
+    # stand-ins that keep the hierarchy (``*GGN`` are GGNInterface, ``*EF`` EFInterface)
+    AsdlInterface = AsdlHessian = CurvatureInterface
+    AsdlGGN, AsdlEF = GGNInterface, EFInterface
     _ASDL_IMPORTABLE = False
 else:
     _ASDL_IMPORTABLE = True

@@ -18,10 +18,12 @@ public API to :class:`~laplace.curvature.CurvatureInterface`:
   double-backward pass per parameter) or ``SHAPE_DIAG`` (per-layer blocks of ``weight`` and
   ``bias`` parameters).
 
-``asdl_fisher_kwargs`` (:data:`FISHER_OPTIONS`) go into ``FisherConfig``: ``var``, the
-variance of the Gaussian the Monte-Carlo Fisher samples regression targets from (default 1),
-and ``seed``, a fixed seed of ASDL's sampler (default: drawn from ``generator`` per call).
-The Hessian checks and ignores them.
+``asdl_fisher_kwargs`` (:data:`FISHER_OPTIONS`, the ``structure_options`` of every structure)
+go into ``FisherConfig``: ``var``, the variance of the Gaussian the Monte-Carlo Fisher samples
+regression targets from (default 1), and ``seed``, a fixed seed of ASDL's sampler (default:
+drawn from ``generator`` per call). The Hessian checks and ignores them. Other keywords raise
+:class:`~laplace.errors.UnknownOptionError` (the sampled Fisher's number of targets per input
+is the ``num_samples`` of the constructor).
 
 Scaling: curvatures are those of ``factor * sum_n loss_n``, as in
 :mod:`laplace.curvature.curvlinops`. ASDL's exact and sampled Fisher of a squared error is
@@ -48,8 +50,9 @@ References:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -83,14 +86,16 @@ from laplace.curvature._asdl_support import (
     _Owners,
     _parameter_owners,
 )
-from laplace.curvature.curvature import CurvatureInterface, GGNInterface
+from laplace.curvature._fallback import math_attention
+from laplace.curvature._options import ASDL_OPTIONS
+from laplace.curvature.curvature import CurvatureInterface, EFInterface, GGNInterface
 from laplace.utils.data import Inputs, batch_size
 from laplace.utils.enums import HessianStructure, Likelihood
 from laplace.utils.matrix import Kron
 
 __all__ = ["FISHER_OPTIONS", "AsdlInterface", "AsdlGGN", "AsdlEF", "AsdlHessian"]
 
-FISHER_OPTIONS: frozenset[str] = frozenset({"var", "seed"})
+FISHER_OPTIONS: frozenset[str] = ASDL_OPTIONS
 """The ``asdl_fisher_kwargs`` that ``full``/``diag``/``kron`` pass into ``FisherConfig``."""
 
 
@@ -109,6 +114,13 @@ class AsdlInterface(CurvatureInterface):
 
     supports_dict_inputs: ClassVar[bool] = True
     supports_backprop: ClassVar[bool] = True
+    structure_options: ClassVar[Mapping[HessianStructure, frozenset[str]]] = MappingProxyType(
+        {
+            HessianStructure.FULL: FISHER_OPTIONS,
+            HessianStructure.DIAG: FISHER_OPTIONS,
+            HessianStructure.KRON: FISHER_OPTIONS,
+        }
+    )
     _fisher_type: ClassVar[str] = FISHER_EXACT
     _scale_power: ClassVar[int] = 1
     _asdl_factor_power: ClassVar[int] = 1
@@ -244,30 +256,16 @@ class AsdlInterface(CurvatureInterface):
 
     # ------------------------------------------------------------------ curvature
     def _fisher_config(
-        self, shape: str, generator: torch.Generator | None, kwargs: dict[str, Any]
+        self, shape: str, generator: torch.Generator | None, options: dict[str, Any]
     ) -> FisherConfig:
-        """ASDL's configuration of a Fisher of ``shape`` with the options ``kwargs``.
-
-        Raises:
-            TypeError: For an option outside :data:`FISHER_OPTIONS`.
-            ValueError: For a ``var`` that is not positive or a ``seed`` that is no integer.
-        """
-        unknown = sorted(set(kwargs) - FISHER_OPTIONS)
-        if unknown:
-            raise TypeError(
-                f"{type(self).__name__} got unexpected keyword arguments {unknown}; the ASDL "
-                f"Fisher options (asdl_fisher_kwargs) are {sorted(FISHER_OPTIONS)}"
-            )
-        var, seed = kwargs.get("var", 1.0), kwargs.get("seed")
-        if isinstance(var, bool) or not isinstance(var, (int, float)) or not var > 0:
-            raise ValueError(f"var must be a positive number, got {var!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        """ASDL's configuration of a Fisher of ``shape`` with the checked ``options`` (see
+        :meth:`~laplace.curvature.interface.CurvatureInterface.curvature_options`)."""
+        var, seed = options.get("var", 1.0), options.get("seed")
         regression = self.likelihood == Likelihood.REGRESSION
         return FisherConfig(
             fisher_shapes=[shape],
             loss_type=LOSS_MSE if regression else LOSS_CROSS_ENTROPY,
-            var=float(var),
+            var=var,
             data_size=1,
             fisher_attr=_ATTR,
             **self._fisher_config_kwargs(generator, seed),
@@ -301,16 +299,17 @@ class AsdlInterface(CurvatureInterface):
         y: Tensor,
         shape: str,
         generator: torch.Generator | None,
-        kwargs: dict[str, Any],
+        options: dict[str, Any],
     ) -> Iterator[tuple[nn.Module, _Owners, dict[nn.Module, int], Tensor]]:
-        """Run ASDL's Fisher of ``shape`` on a batch; yield what is needed to read it.
+        """Run ASDL's Fisher of ``shape`` with the checked ``options`` on a batch; yield
+        what is needed to read it.
 
         Yields:
             ``(module, owners, positions, loss)``: the differentiated module (ASDL's result
             sits in the ``_ATTR`` attribute of it and of its layers until exit), each
             parameter's layer, each linear layer's positions per sample, the batch loss.
         """
-        config = self._fisher_config(shape, generator, kwargs)
+        config = self._fisher_config(shape, generator, options)
         module, inputs, owners = self._promoted_run(
             *self._prepare(x, _KFAC_LAYERS if shape == SHAPE_KRON else _LAYERS)
         )
@@ -353,12 +352,12 @@ class AsdlInterface(CurvatureInterface):
             ``H``: ``(params, params)``
 
         Raises:
-            TypeError: For an unknown option.
+            UnknownOptionError: For an unknown option (a ``TypeError`` and a ``ValueError``).
             ValueError: For bad inputs, targets or options, unsupported layers, or a
                 non-finite curvature.
         """
-        self._check_structure(HessianStructure.FULL)
-        with self._asdl_run(x, y, SHAPE_FULL, generator, kwargs) as (module, _, _, loss):
+        options = self._check_structure(HessianStructure.FULL, kwargs)
+        with self._asdl_run(x, y, SHAPE_FULL, generator, options) as (module, _, _, loss):
             H = getattr(module, _ATTR).data
         H = self._restrict(self._restrict(H).T)  # rows and columns (H is symmetric)
         return loss, self._check_finite(self._asdl_scale * H)
@@ -379,8 +378,8 @@ class AsdlInterface(CurvatureInterface):
         Shapes:
             ``h``: ``(params,)``
         """
-        self._check_structure(HessianStructure.DIAG)
-        with self._asdl_run(x, y, SHAPE_DIAG, generator, kwargs) as (_, owners, _, loss):
+        options = self._check_structure(HessianStructure.DIAG, kwargs)
+        with self._asdl_run(x, y, SHAPE_DIAG, generator, options) as (_, owners, _, loss):
             diagonals = [getattr(layer, _ATTR).diag for layer, _ in owners]
             h = torch.cat([getattr(d, name).flatten() for d, (_, name) in zip(diagonals, owners)])
         return loss, self._check_finite(self._asdl_scale * self._restrict(h))
@@ -407,16 +406,17 @@ class AsdlInterface(CurvatureInterface):
 
         Raises:
             NotImplementedError: If the backend does not compute ``kron``.
-            TypeError: For an unknown option.
+            UnknownOptionError: For an unknown option (a ``TypeError`` and a ``ValueError``).
             ValueError: For ``subnetwork_indices``, a bad ``N``, bad inputs, targets or
                 options, a parameter outside Linear/Conv2d layers, or non-finite factors.
         """
-        self._check_structure(HessianStructure.KRON)
+        options = self._check_structure(HessianStructure.KRON, kwargs)
         if isinstance(N, bool) or not isinstance(N, int) or N < 1:
             raise ValueError(f"N must be a positive integer (the data-set size), got {N!r}")
         output_scale = self._fisher_correction / self.factor**self._asdl_factor_power
         kfacs: list[list[Tensor]] = []
-        with self._asdl_run(x, y, SHAPE_KRON, generator, kwargs) as (_, owners, positions, loss):
+        run = self._asdl_run(x, y, SHAPE_KRON, generator, options)
+        with run as (_, owners, positions, loss):
             for layer, name in owners:
                 factors = getattr(layer, _ATTR).kron
                 B = self._check_finite(output_scale * factors.B)
@@ -463,7 +463,7 @@ class AsdlGGN(AsdlInterface, GGNInterface):
         return {"fisher_type": FISHER_MC, "n_mc_samples": self.num_samples, "seed": seed}
 
 
-class AsdlEF(AsdlInterface):
+class AsdlEF(AsdlInterface, EFInterface):
     """Empirical Fisher ``sum_n g_n g_n^T`` by ASDL (``FISHER_EMP``).
 
     Args:
@@ -503,11 +503,10 @@ class AsdlHessian(AsdlInterface):
         y: Tensor,
         shape: str,
         generator: torch.Generator | None,
-        kwargs: dict[str, Any],
+        options: dict[str, Any],
     ) -> Iterator[tuple[nn.Module, _Owners, dict[nn.Module, int], Tensor]]:
         """Run ``HessianMaker`` for ``shape`` and yield as :meth:`AsdlInterface._asdl_run`
-        (without positions); the options are checked, ``generator`` is unused."""
-        self._fisher_config(shape, generator, kwargs)
+        (without positions); the (checked) options and ``generator`` are unused."""
         module, inputs, owners = self._promoted_run(
             *self._prepare(x, (nn.Module,) if shape == SHAPE_DIAG else None)
         )
@@ -515,8 +514,8 @@ class AsdlHessian(AsdlInterface):
         output = maker.setup_model_call(self._model_call(module, y, shape, {}), inputs)
         maker.setup_loss_repr(output[1])
         try:
-            with _asdl_context(module, None, self._device):
-                maker.forward_and_backward(scale=self.factor)
+            with _asdl_context(module, None, self._device):  # double backward: math_attention
+                math_attention(self.model, lambda: maker.forward_and_backward(scale=self.factor))
             yield module, owners, {}, self.factor * maker.loss.detach()
         finally:
             maker.zero_hessian()

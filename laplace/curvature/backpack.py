@@ -15,7 +15,10 @@ GGN square roots or Kronecker factors. :class:`BackPackGGN` and :class:`BackPack
 
 The model (or, with ``last_layer=True``, ``model.last_layer``) must be an ``nn.Sequential``
 of the layers in ``_LAYERS`` and ``_PARAMETER_FREE`` (or one such layer); other models,
-normalisation layers included, are rejected at construction. BackPACK's hooks would break
+normalisation layers included, are rejected at construction; a
+:class:`~laplace.utils.FeatureExtractor` is replaced by the model it wraps (its forward pass is
+that model's), so its ``last_layer_jacobians`` work before its last layer is found, by
+``torch.func`` on the last layer as in every backend. BackPACK's hooks would break
 ``torch.func`` transforms of the model, so they are installed on a copy that shares the
 model's parameters and buffers (:func:`_extended_copy`); the user's model is left unchanged,
 and the copy's train/eval mode follows the model's on every call.
@@ -74,6 +77,7 @@ from laplace.curvature._backpack_support import (
 from laplace.curvature.curvature import CurvatureInterface, EFInterface, GGNInterface
 from laplace.utils.data import Inputs
 from laplace.utils.enums import HessianStructure, Likelihood
+from laplace.utils.feature_extractor import FeatureExtractor
 from laplace.utils.matrix import Kron
 
 __all__ = ["BackPackInterface", "BackPackGGN", "BackPackEF"]
@@ -89,7 +93,9 @@ class BackPackInterface(CurvatureInterface):
     Args:
         model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y, **kwargs:
             As for :class:`~laplace.curvature.CurvatureInterface`; the model (or
-            ``model.last_layer``) must be an ``nn.Sequential`` of supported layers.
+            ``model.last_layer``, or the model a
+            :class:`~laplace.utils.FeatureExtractor` wraps) must be an ``nn.Sequential``
+            of supported layers.
 
     Raises:
         ValueError: For the reasons of :class:`~laplace.curvature.CurvatureInterface`, or a
@@ -113,8 +119,13 @@ class BackPackInterface(CurvatureInterface):
         super().__init__(
             model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y, **kwargs
         )
-        target = self._feature_extractor().last_layer if last_layer else model
-        _check_backpack_model(target, "model.last_layer" if last_layer else "model")
+        if last_layer:
+            target, where = self._feature_extractor().last_layer, "model.last_layer"
+        elif isinstance(model, FeatureExtractor):  # its forward is that of the wrapped model
+            target, where = model.model, "model.model"
+        else:
+            target, where = model, "model"
+        _check_backpack_model(target, where)
         self._target = target
         self._extended = _extended_copy(target)
         self._extended_loss = extend(type(self.lossfunc)(reduction="sum"))
@@ -286,7 +297,7 @@ class BackPackGGN(BackPackInterface, GGNInterface):
             y: The targets.
             N: Size of the data set; unused (accepted for the common interface).
             generator: Random generator for the sampled GGN (``stochastic=True``).
-            **kwargs: Unused options of other backends.
+            **kwargs: ``mc_samples`` and ``seed`` of the sampled GGN (``structure_options``).
 
         Returns:
             ``(loss, H)`` with ``H`` restricted to ``subnetwork_indices`` if given.
@@ -297,8 +308,9 @@ class BackPackGGN(BackPackInterface, GGNInterface):
         Raises:
             ValueError: For bad inputs or targets, or a non-finite curvature.
         """
-        self._check_structure(HessianStructure.FULL)
-        extension = SqrtGGNMC(mc_samples=self.num_samples) if self.stochastic else SqrtGGNExact()
+        options = self._check_structure(HessianStructure.FULL, kwargs)
+        generator, samples = self._sampling(generator, options)
+        extension = SqrtGGNMC(mc_samples=samples) if self.stochastic else SqrtGGNExact()
         loss = self._sampled_pass(x, y, extension, generator)
         root = self._restrict(self._collect(extension.savefield, lead=2)).flatten(0, 1)
         return loss, self._check_finite(self.factor * self._gram(root))
@@ -318,7 +330,7 @@ class BackPackGGN(BackPackInterface, GGNInterface):
             y: The targets.
             N: Size of the data set; unused (accepted for the common interface).
             generator: Random generator for the sampled diagonal (``stochastic=True``).
-            **kwargs: Unused options of other backends.
+            **kwargs: ``mc_samples`` and ``seed`` of the sampled GGN (``structure_options``).
 
         Returns:
             ``(loss, h)`` with ``h`` restricted to ``subnetwork_indices`` if given.
@@ -329,8 +341,9 @@ class BackPackGGN(BackPackInterface, GGNInterface):
         Raises:
             ValueError: For bad inputs or targets, or a non-finite diagonal.
         """
-        self._check_structure(HessianStructure.DIAG)
-        extension = DiagGGNMC(mc_samples=self.num_samples) if self.stochastic else DiagGGNExact()
+        options = self._check_structure(HessianStructure.DIAG, kwargs)
+        generator, samples = self._sampling(generator, options)
+        extension = DiagGGNMC(mc_samples=samples) if self.stochastic else DiagGGNExact()
         loss = self._sampled_pass(x, y, extension, generator)
         h = self._restrict(self._collect(extension.savefield, lead=0))
         return loss, self._check_finite(self.factor * h)
@@ -350,7 +363,7 @@ class BackPackGGN(BackPackInterface, GGNInterface):
             y: The targets.
             N: Size of the data set; the input-side factors are multiplied by ``M / N``.
             generator: Random generator for the sampled factors (``stochastic=True``).
-            **kwargs: Unused options of other backends.
+            **kwargs: ``mc_samples`` and ``seed`` of the sampled GGN (``structure_options``).
 
         Returns:
             ``(loss, kron)`` with one block per parameter, ``[B, A]`` for weights and
@@ -360,11 +373,12 @@ class BackPackGGN(BackPackInterface, GGNInterface):
             ValueError: For ``subnetwork_indices``, a bad ``N``, bad inputs or targets,
                 modules BackPACK's K-FAC does not support, or non-finite factors.
         """
-        self._check_structure(HessianStructure.KRON)
+        options = self._check_structure(HessianStructure.KRON, kwargs)
+        generator, samples = self._sampling(generator, options)
         if isinstance(N, bool) or not isinstance(N, int) or N < 1:
             raise ValueError(f"N must be a positive integer (the data-set size), got {N!r}")
         self._check_kfac_modules()
-        extension = KFAC(mc_samples=self.num_samples) if self.stochastic else KFLR()
+        extension = KFAC(mc_samples=samples) if self.stochastic else KFLR()
         extension.set_module_extension(nn.Conv2d, _ExpandConv2d(self.sum_dtype), overwrite=True)
         extension.set_module_extension(nn.Linear, _PreciseLinear(self.sum_dtype), overwrite=True)
         loss = self._sampled_pass(x, y, extension, generator)
@@ -425,7 +439,12 @@ class BackPackEF(BackPackInterface, EFInterface):
     )
 
     def diag(
-        self, x: Inputs, y: Tensor, N: int | None = None, **kwargs: Any
+        self,
+        x: Inputs,
+        y: Tensor,
+        N: int | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
     ) -> tuple[Tensor, Tensor]:
         """Loss and empirical-Fisher diagonal of a batch (``SumGradSquared``).
 
@@ -433,7 +452,8 @@ class BackPackEF(BackPackInterface, EFInterface):
             x: A batch of input tensors.
             y: The targets.
             N: Size of the data set; unused (accepted for the common interface).
-            **kwargs: Unused options of other backends.
+            generator: Unused (accepted for the common interface).
+            **kwargs: None are accepted (``structure_options`` is empty).
 
         Returns:
             ``(loss, h)`` with ``h`` restricted to ``subnetwork_indices`` if given.
@@ -444,7 +464,7 @@ class BackPackEF(BackPackInterface, EFInterface):
         Raises:
             ValueError: For bad inputs or targets, or a non-finite diagonal.
         """
-        self._check_structure(HessianStructure.DIAG)
+        self._check_structure(HessianStructure.DIAG, kwargs)
         extension = SumGradSquared()
         loss = self._loss_pass(x, y, extension)
         h = self._restrict(self._collect(extension.savefield, lead=0))

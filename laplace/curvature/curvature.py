@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from laplace.curvature._options import SAMPLING_OPTIONS
 from laplace.curvature._tools import _softmax_hessian_root
 from laplace.curvature.interface import CurvatureInterface
 from laplace.utils.data import Inputs
@@ -42,7 +45,8 @@ class _GramInterface(CurvatureInterface, ABC):
     """A curvature ``sum_n M_n^T M_n`` from per-sample factors ``M_n``: full and diagonal.
 
     Subclasses implement :meth:`_factor`; :meth:`diag` never forms a ``(params, params)``
-    matrix.
+    matrix. Keyword options are checked against ``structure_options``
+    (:meth:`~laplace.curvature.interface.CurvatureInterface.curvature_options`).
     """
 
     structures: ClassVar[frozenset[HessianStructure]] = frozenset(
@@ -50,8 +54,11 @@ class _GramInterface(CurvatureInterface, ABC):
     )
 
     @abstractmethod
-    def _factor(self, x: Inputs, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        """``(M, loss)`` of a batch.
+    def _factor(
+        self, x: Inputs, y: Tensor, generator: torch.Generator | None, options: dict[str, Any]
+    ) -> tuple[Tensor, Tensor]:
+        """``(M, loss)`` of a batch, with the random ``generator`` and checked keyword
+        ``options`` of the structure method.
 
         Shapes:
             ``M``: ``(batch, k, params)``; ``loss``: ``()``
@@ -62,6 +69,7 @@ class _GramInterface(CurvatureInterface, ABC):
         x: Inputs,
         y: Tensor,
         N: int | None = None,
+        generator: torch.Generator | None = None,
         out: Tensor | None = None,
         **kwargs: Any,
     ) -> tuple[Tensor, Tensor]:
@@ -71,18 +79,21 @@ class _GramInterface(CurvatureInterface, ABC):
             x: A batch of inputs.
             y: The targets.
             N: Size of the data set; unused.
+            generator: Random generator for a sampled curvature (unused otherwise).
             out: If given, ``H`` is added to this ``(params, params)`` tensor in place (it
                 is returned as ``H``): a fit accumulates without a temporary per batch.
-            **kwargs: ``generator`` for a sampled curvature; options of other backends are
-                ignored.
+            **kwargs: The options in ``structure_options`` (``mc_samples``, ``seed`` for
+                the sampled GGN; none for the empirical Fisher).
 
         Shapes:
             ``H``: ``(params, params)``
 
         Raises:
-            ValueError: For bad inputs or targets, or a curvature with NaN or Inf.
+            UnknownOptionError: For a keyword outside ``structure_options``.
+            ValueError: For bad inputs, targets or options, or a curvature with NaN or Inf.
         """
-        factor, loss = self._factor(x, y, **kwargs)
+        options = self._check_structure(HessianStructure.FULL, kwargs)
+        factor, loss = self._factor(x, y, generator, options)
         rows = factor.flatten(0, 1)
         if out is None:
             return loss, self._check_finite(self._gram(rows))
@@ -90,7 +101,12 @@ class _GramInterface(CurvatureInterface, ABC):
         return loss, gram(rows, self.sum_dtype or rows.dtype, out=out)
 
     def diag(
-        self, x: Inputs, y: Tensor, N: int | None = None, **kwargs: Any
+        self,
+        x: Inputs,
+        y: Tensor,
+        N: int | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
     ) -> tuple[Tensor, Tensor]:
         """``(loss, h)`` of a batch, ``h`` the diagonal of :meth:`full`'s ``H``; same arguments.
 
@@ -98,9 +114,11 @@ class _GramInterface(CurvatureInterface, ABC):
             ``h``: ``(params,)``
 
         Raises:
-            ValueError: For bad inputs or targets, or a curvature with NaN or Inf.
+            UnknownOptionError: For a keyword outside ``structure_options``.
+            ValueError: For bad inputs, targets or options, or a curvature with NaN or Inf.
         """
-        factor, loss = self._factor(x, y, **kwargs)
+        options = self._check_structure(HessianStructure.DIAG, kwargs)
+        factor, loss = self._factor(x, y, generator, options)
         return loss, self._check_finite(self._summed(factor.square().sum(dim=(0, 1))))
 
 
@@ -112,7 +130,9 @@ class GGNInterface(_GramInterface):
     the GGN is built from ``M_n = R_n J_n`` with ``R_n^T R_n = Lambda_n``. With
     ``stochastic=True``, ``Lambda_n`` is replaced by the unbiased estimate
     ``mean_s g_ns g_ns^T`` from loss gradients w.r.t. ``f_n`` at targets sampled from the
-    model's predictive (the Fisher). :meth:`full` and :meth:`diag` take a ``generator``.
+    model's predictive (the Fisher). :meth:`full` and :meth:`diag` take a ``generator``
+    and the options ``mc_samples`` (sampled targets per input for the call) and ``seed``
+    (a fixed seed of the call's sampler) of :mod:`laplace.curvature._options`.
 
     Args:
         model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y, **kwargs:
@@ -124,6 +144,14 @@ class GGNInterface(_GramInterface):
     Raises:
         ValueError: If ``num_samples`` is not a positive integer.
     """
+
+    structure_options: ClassVar[Mapping[HessianStructure, frozenset[str]]] = MappingProxyType(
+        {
+            HessianStructure.FULL: SAMPLING_OPTIONS,
+            HessianStructure.DIAG: SAMPLING_OPTIONS,
+            HessianStructure.KRON: SAMPLING_OPTIONS,
+        }
+    )
 
     def __init__(
         self,
@@ -147,8 +175,38 @@ class GGNInterface(_GramInterface):
         self.num_samples = num_samples
         self.generator = generator
 
-    def _output_root(self, f: Tensor, generator: torch.Generator | None) -> Tensor | None:
+    def _sampling(
+        self, generator: torch.Generator | None, options: dict[str, Any]
+    ) -> tuple[torch.Generator | None, int]:
+        """The random generator and the number of sampled targets per input of one call.
+
+        ``seed`` gives a generator of that seed, otherwise ``generator`` or the backend's;
+        ``mc_samples`` replaces ``num_samples``.
+
+        Raises:
+            ValueError: For ``mc_samples`` other than 1 without ``stochastic=True``.
+        """
+        samples = options.get("mc_samples", self.num_samples)
+        if not self.stochastic and "mc_samples" in options and samples != 1:
+            raise ValueError(
+                f"mc_samples={samples} needs the sampled Fisher: build "
+                f"{type(self).__name__} with stochastic=True (the exact GGN takes only "
+                "mc_samples=1)"
+            )
+        seed = options.get("seed")
+        if seed is not None:
+            return torch.Generator(device=self.params[0].device).manual_seed(seed), samples
+        return self.generator if generator is None else generator, samples
+
+    def _output_root(
+        self, f: Tensor, generator: torch.Generator | None, num_samples: int | None = None
+    ) -> Tensor | None:
         """``R`` with ``R_n^T R_n = Lambda_n``, exact or sampled; ``None`` for the identity.
+
+        Args:
+            f: The model outputs.
+            generator: Random generator of the sampled targets.
+            num_samples: Sampled targets per input; default ``num_samples``.
 
         Shapes:
             ``f``: ``(batch, outputs)`` -> ``(batch, k, outputs)``
@@ -156,17 +214,18 @@ class GGNInterface(_GramInterface):
         regression = self.likelihood == Likelihood.REGRESSION
         if not self.stochastic:
             return None if regression else _softmax_hessian_root(f)
+        samples = self.num_samples if num_samples is None else num_samples
         batch, outputs = f.shape
-        shape = (batch, self.num_samples, outputs)
+        shape = (batch, samples, outputs)
         if regression:
             # The gradient of 0.5 * ||f - y||^2 at y = f + noise, y ~ N(f, I), is -noise.
             noise = torch.randn(shape, generator=generator, device=f.device, dtype=f.dtype)
             output_grads = -noise
         else:
             p = torch.softmax(f, dim=-1)
-            labels = torch.multinomial(p, self.num_samples, replacement=True, generator=generator)
+            labels = torch.multinomial(p, samples, replacement=True, generator=generator)
             output_grads = p.unsqueeze(1) - nn.functional.one_hot(labels, outputs).to(f.dtype)
-        return output_grads / math.sqrt(self.num_samples)
+        return output_grads / math.sqrt(samples)
 
     def full(
         self,
@@ -190,15 +249,19 @@ class GGNInterface(_GramInterface):
         Shapes:
             ``H``: ``(params, params)``
         """
-        self._check_structure(HessianStructure.FULL)
-        sampler = self.generator if generator is None else generator
-        factored = self._factored_full(x, y, sampler, out)
+        options = self._check_structure(HessianStructure.FULL, kwargs)
+        factored = self._factored_full(x, y, *self._sampling(generator, options), out)
         if factored is not None:
             return factored
         return super().full(x, y, N=N, generator=generator, out=out, **kwargs)
 
     def _factored_full(
-        self, x: Inputs, y: Tensor, generator: torch.Generator | None, out: Tensor | None = None
+        self,
+        x: Inputs,
+        y: Tensor,
+        generator: torch.Generator | None,
+        num_samples: int | None = None,
+        out: Tensor | None = None,
     ) -> tuple[Tensor, Tensor] | None:
         """``(loss, H)`` by :func:`~laplace.utils.linear_jacobians.factored_gram`, or None
         where it does not apply or does not pay (see :meth:`full`)."""
@@ -211,7 +274,7 @@ class GGNInterface(_GramInterface):
         if f.ndim != 2 or not any(len(block) == 2 for block in factors.values()):
             return None
         y = self._check_targets(y, f)
-        root = self._output_root(f, generator)
+        root = self._output_root(f, generator, num_samples)
         if (f.shape[1] if root is None else root.shape[1]) < 2:
             return None
         rest = {name: p for name, p in named.items() if name not in factors}
@@ -257,6 +320,7 @@ class GGNInterface(_GramInterface):
         Shapes:
             ``h``: ``(params,)``
         """
+        options = self._check_structure(HessianStructure.DIAG, kwargs)
         self._check_inputs(x)
         module, inputs = self._module_and_input(x)
         named = dict(zip(self._param_names, self.params))
@@ -265,16 +329,16 @@ class GGNInterface(_GramInterface):
             return super().diag(x, y, N=N, generator=generator, **kwargs)
         factors, f = factored
         y = self._check_targets(y, f)
-        root = self._output_root(f, self.generator if generator is None else generator)
+        root = self._output_root(f, *self._sampling(generator, options))
         h = self._summed(self._restrict(factored_gram_diagonal(factors, root)))
         return self.factor * self.lossfunc(f, y), self._check_finite(h)
 
     def _factor(
-        self, x: Inputs, y: Tensor, generator: torch.Generator | None = None, **kwargs: Any
+        self, x: Inputs, y: Tensor, generator: torch.Generator | None, options: dict[str, Any]
     ) -> tuple[Tensor, Tensor]:
         Js, f = self.jacobians(x)
         y = self._check_targets(y, f)
-        root = self._output_root(f, self.generator if generator is None else generator)
+        root = self._output_root(f, *self._sampling(generator, options))
         factor = Js if root is None else torch.einsum("bkc,bcp->bkp", root, Js)
         return factor, self.factor * self.lossfunc(f, y)
 
@@ -282,11 +346,15 @@ class GGNInterface(_GramInterface):
 class EFInterface(_GramInterface):
     """Empirical Fisher ``sum_n g_n g_n^T`` from per-sample loss gradients (``torch.func``).
 
+    :meth:`full` and :meth:`diag` take no keyword options.
+
     Args:
         model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y, **kwargs:
             As for :class:`CurvatureInterface`.
     """
 
-    def _factor(self, x: Inputs, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    def _factor(
+        self, x: Inputs, y: Tensor, generator: torch.Generator | None, options: dict[str, Any]
+    ) -> tuple[Tensor, Tensor]:
         Gs, loss = self.gradients(x, y)
         return Gs.unsqueeze(1), loss

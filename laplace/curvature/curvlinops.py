@@ -11,15 +11,26 @@
   and :class:`~laplace.curvature.EFInterface` for the GGN and EF. The Hessian diagonal is read
   off the same column blocks as ``full``: ``params`` Hessian-vector products, with the memory
   of one block.
-- ``kron``: K-FAC (Martens & Grosse, 2015; Grosse & Martens, 2016) with the "expand"
-  approximation for weight sharing (Eschenhagen et al., 2023), separate weight and bias blocks,
-  and Fisher type ``type-2`` (exact GGN), ``mc`` (sampled Fisher) or ``empirical``. Only
-  parameters of ``nn.Linear`` and ``nn.Conv2d`` layers are supported. The exact GGN and the
-  empirical Fisher take one forward and one batched backward pass
-  (:mod:`laplace.curvature._kfac`, 2-4 times faster than the operator's backward pass per
-  output); the sampled Fisher and layers that path does not handle (run more than once per
-  forward pass, grouped or non-zero-padded convolutions) use ``curvlinops.KFACLinearOperator``.
-  Both give the same factors.
+- ``kron``: K-FAC (Martens & Grosse, 2015; Grosse & Martens, 2016) with the "expand" (default)
+  or "reduce" approximation for weight sharing (Eschenhagen et al., 2023; the ``kfac_approx``
+  option), separate weight and bias blocks, and Fisher type ``type-2`` (exact GGN), ``mc``
+  (sampled Fisher) or ``empirical``. Only parameters of ``nn.Linear`` and ``nn.Conv2d`` layers
+  are supported. The exact GGN and the empirical Fisher take one forward and one batched
+  backward pass (:mod:`laplace.curvature._kfac`, 2-4 times faster than the operator's backward
+  pass per output); the sampled Fisher and layers that path does not handle (run more than
+  once per forward pass, grouped or non-zero-padded convolutions) use
+  ``curvlinops.KFACLinearOperator``. Both give the same factors.
+
+The operators' products use forward-mode autodiff (``torch.func.jvp``); where a fused
+attention kernel lacks it (``scaled_dot_product_attention`` on the CPU), they run with
+PyTorch's composite "math" attention kernel instead, the same numbers
+(:func:`~laplace.curvature._fallback.math_attention`).
+
+Keyword options (``asdl_fisher_kwargs`` of the Laplace classes; :mod:`laplace.curvature._options`),
+forwarded to ``curvlinops`` as ``laplace-torch`` forwards them: :class:`CurvlinopsGGN` takes
+``mc_samples`` and ``seed`` (the sampled Fisher's targets per input and seed) in ``full``,
+``diag`` and ``kron``, and both GGN and EF take ``kfac_approx`` (``"expand"``/``"reduce"``) in
+``kron``. Any other keyword raises :class:`~laplace.errors.UnknownOptionError`.
 
 Scaling: every returned curvature is that of the library loss ``factor * sum_n loss_n``
 (``factor = 1/2`` for the summed squared error), while ``curvlinops`` differentiates the
@@ -62,7 +73,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -81,7 +93,9 @@ with warnings.catch_warnings():
         KFACType,
     )
 
+from laplace.curvature._fallback import math_attention
 from laplace.curvature._kfac import PendingRows, batch_kfac
+from laplace.curvature._options import KFAC_OPTIONS, SAMPLING_OPTIONS, KFACApprox
 from laplace.curvature.curvature import CurvatureInterface, EFInterface, GGNInterface
 from laplace.utils.data import Inputs, batch_size
 from laplace.utils.enums import HessianStructure
@@ -186,12 +200,18 @@ class CurvlinopsInterface(CurvatureInterface):
     _scale_power: ClassVar[int] = 1
 
     # ------------------------------------------------------------------ hooks
-    def _operator_spec(self, generator: torch.Generator | None) -> tuple[type, dict[str, Any]]:
-        """The operator class for ``full`` and its extra keyword arguments."""
+    def _operator_spec(
+        self, generator: torch.Generator | None, options: dict[str, Any] | None = None
+    ) -> tuple[type, dict[str, Any]]:
+        """The operator class for ``full`` and its extra keyword arguments, for the checked
+        keyword ``options`` of the call."""
         return self._operator_cls, {}
 
-    def _kfac_spec(self, generator: torch.Generator | None) -> dict[str, Any]:
-        """Keyword arguments selecting the Fisher type of ``KFACLinearOperator``."""
+    def _kfac_spec(
+        self, generator: torch.Generator | None, options: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Keyword arguments selecting the Fisher type of ``KFACLinearOperator`` (and its
+        sampling), for the checked keyword ``options`` of the call."""
         return {"fisher_type": self._fisher_type}
 
     # ------------------------------------------------------------------ helpers
@@ -227,12 +247,12 @@ class CurvlinopsInterface(CurvatureInterface):
         return torch.arange(self.n_params, device=self.params[0].device)
 
     def _curvature_operator(
-        self, x: Inputs, y: Tensor, generator: torch.Generator | None
+        self, x: Inputs, y: Tensor, generator: torch.Generator | None, options: dict[str, Any]
     ) -> tuple[Any, Tensor, Tensor]:
         """The ``full`` operator of a batch, the batch loss, and a parameter giving the
         device and dtype of the operator's vectors."""
         module, inputs, y, loss = self._prepare(x, y)
-        operator_cls, extra = self._operator_spec(generator)
+        operator_cls, extra = self._operator_spec(generator, options)
         params = self._params_of(module)
         operator = operator_cls(
             module, self.lossfunc, params, **self._operator_kwargs(inputs, y), **extra
@@ -262,7 +282,7 @@ class CurvlinopsInterface(CurvatureInterface):
             N: Size of the data set; unused (accepted for the common interface).
             generator: Random generator for sampled curvatures (``stochastic=True``).
             out: If given, ``H`` is added to it in place (and returned as ``H``).
-            **kwargs: Unused options of other backends.
+            **kwargs: The options in ``structure_options`` (see the module docstring).
 
         Returns:
             ``(loss, H)`` with ``H`` restricted to ``subnetwork_indices`` if given.
@@ -271,13 +291,16 @@ class CurvlinopsInterface(CurvatureInterface):
             ``H``: ``(params, params)``
 
         Raises:
-            ValueError: For bad inputs or targets, or a non-finite curvature.
+            UnknownOptionError: For a keyword outside ``structure_options``.
+            ValueError: For bad inputs, targets or options, or a non-finite curvature.
         """
-        self._check_structure(HessianStructure.FULL)
+        options = self._check_structure(HessianStructure.FULL, kwargs)
         if self._gram_is_cheaper(x):
             return super().full(x, y, N=N, generator=generator, out=out, **kwargs)
-        operator, loss, like = self._curvature_operator(x, y, generator)
-        H = self._scale * _dense(operator, self._indices(), like)
+        operator, loss, like = self._curvature_operator(x, y, generator, options)
+        H = self._scale * math_attention(
+            self.model, lambda: _dense(operator, self._indices(), like)
+        )
         H = self._check_finite(self._summed(H))
         return loss, H if out is None else out.add_(H)
 
@@ -317,7 +340,8 @@ class CurvlinopsInterface(CurvatureInterface):
             out: If given, the batch's factors are added to this ``Kron`` in place (it is
                 returned as ``kron``; its factors are not checked for NaN/Inf here, and the
                 input-side sums are complete only after :meth:`flush_sums`).
-            **kwargs: Unused options of other backends.
+            **kwargs: The options in ``structure_options``: ``kfac_approx`` (``"expand"``,
+                the default, or ``"reduce"``), and for the GGN ``mc_samples`` and ``seed``.
 
         Returns:
             ``(loss, kron)`` with one block per parameter, ``[B, A]`` for weights and
@@ -325,16 +349,20 @@ class CurvlinopsInterface(CurvatureInterface):
 
         Raises:
             NotImplementedError: If the backend does not compute ``kron``.
-            ValueError: For ``subnetwork_indices``, a bad ``N``, bad inputs or targets, a
-                parameter outside ``nn.Linear``/``nn.Conv2d`` layers, or non-finite factors.
+            UnknownOptionError: For a keyword outside ``structure_options``.
+            ValueError: For ``subnetwork_indices``, a bad ``N``, bad inputs, targets or
+                options, a parameter outside ``nn.Linear``/``nn.Conv2d`` layers, or
+                non-finite factors.
         """
-        self._check_structure(HessianStructure.KRON)
+        options = self._check_structure(HessianStructure.KRON, kwargs)
         if isinstance(N, bool) or not isinstance(N, int) or N < 1:
             raise ValueError(f"N must be a positive integer (the data-set size), got {N!r}")
+        approx = options.get("kfac_approx", KFACApprox.EXPAND)
+        spec = self._kfac_spec(generator, options)
         self._check_inputs(x)
         module, inputs = self._module_and_input(x)
         self._check_kfac_layers(module)
-        native = self._batch_kfac(module, inputs, y, N, out)
+        native = self._batch_kfac(module, inputs, y, N, out, approx)
         if native is not None:
             return native
         module, inputs, y, loss = self._prepare(x, y)
@@ -344,10 +372,10 @@ class CurvlinopsInterface(CurvatureInterface):
             self.lossfunc,
             params,
             **self._operator_kwargs(inputs, y),
-            kfac_approx=KFACType.EXPAND,
+            kfac_approx=KFACType(approx.value),
             separate_weight_and_bias=True,
             num_per_example_loss_terms=1,
-            **self._kfac_spec(generator),
+            **spec,
         )
         inputs_side, outputs_side = _kronecker_factors(kfac)
         input_scale = y.shape[0] / N
@@ -394,7 +422,13 @@ class CurvlinopsInterface(CurvatureInterface):
         raise NotImplementedError
 
     def _batch_kfac(
-        self, module: nn.Module, inputs: Inputs, y: Tensor, N: int, out: Kron | None = None
+        self,
+        module: nn.Module,
+        inputs: Inputs,
+        y: Tensor,
+        N: int,
+        out: Kron | None = None,
+        approx: KFACApprox = KFACApprox.EXPAND,
     ) -> tuple[Tensor, Kron] | None:
         """``(loss, kron)`` of a batch by :func:`~laplace.curvature._kfac.batch_kfac`, or
         None where that path does not apply and ``KFACLinearOperator`` is used."""
@@ -424,6 +458,7 @@ class CurvlinopsInterface(CurvatureInterface):
             out=None if out is None else out.kfacs,
             scales=scales,
             pending=None if out is None else self._pending_rows(),
+            reduce=approx == KFACApprox.REDUCE,
         )
         if result is None:
             return None
@@ -472,21 +507,46 @@ class CurvlinopsGGN(CurvlinopsInterface, GGNInterface):
     )
     _operator_cls: ClassVar[type] = GGNLinearOperator
     _fisher_type: ClassVar[FisherType] = FisherType.TYPE2
+    structure_options: ClassVar[Mapping[HessianStructure, frozenset[str]]] = MappingProxyType(
+        {
+            HessianStructure.FULL: SAMPLING_OPTIONS,
+            HessianStructure.DIAG: SAMPLING_OPTIONS,
+            HessianStructure.KRON: SAMPLING_OPTIONS | KFAC_OPTIONS,
+        }
+    )
 
-    def _operator_spec(self, generator: torch.Generator | None) -> tuple[type, dict[str, Any]]:
+    def _sampler_spec(
+        self, generator: torch.Generator | None, options: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``mc_samples`` and ``seed`` of a ``curvlinops`` Monte-Carlo operator: a ``seed``
+        option as given (as ``laplace-torch`` forwards it), otherwise drawn from
+        ``generator`` (or the backend's)."""
+        sampler, samples = self._sampling(generator, options)
+        seed = options.get("seed")
+        return {
+            "mc_samples": samples,
+            "seed": self._sample_seed(sampler) if seed is None else seed,
+        }
+
+    def _operator_spec(
+        self, generator: torch.Generator | None, options: dict[str, Any] | None = None
+    ) -> tuple[type, dict[str, Any]]:
+        options = options or {}
         if not self.stochastic:
-            return super()._operator_spec(generator)
-        seed = self._sample_seed(self.generator if generator is None else generator)
-        return FisherMCLinearOperator, {"mc_samples": self.num_samples, "seed": seed}
+            self._sampling(generator, options)  # rejects mc_samples > 1
+            return super()._operator_spec(generator, options)
+        return FisherMCLinearOperator, self._sampler_spec(generator, options)
 
     def _kfac_rows(self, f: Tensor, y: Tensor) -> Tensor | None:
         return self._output_root(f, None)
 
-    def _kfac_spec(self, generator: torch.Generator | None) -> dict[str, Any]:
+    def _kfac_spec(
+        self, generator: torch.Generator | None, options: dict[str, Any]
+    ) -> dict[str, Any]:
         if not self.stochastic:
-            return super()._kfac_spec(generator)
-        seed = self._sample_seed(self.generator if generator is None else generator)
-        return {"fisher_type": FisherType.MC, "mc_samples": self.num_samples, "seed": seed}
+            self._sampling(generator, options)  # rejects mc_samples > 1
+            return super()._kfac_spec(generator, options)
+        return {"fisher_type": FisherType.MC, **self._sampler_spec(generator, options)}
 
 
 class CurvlinopsEF(CurvlinopsInterface, EFInterface):
@@ -508,6 +568,9 @@ class CurvlinopsEF(CurvlinopsInterface, EFInterface):
     _operator_cls: ClassVar[type] = EFLinearOperator
     _fisher_type: ClassVar[FisherType] = FisherType.EMPIRICAL
     _scale_power: ClassVar[int] = 2
+    structure_options: ClassVar[Mapping[HessianStructure, frozenset[str]]] = MappingProxyType(
+        {HessianStructure.KRON: KFAC_OPTIONS}
+    )
 
     def _kfac_rows(self, f: Tensor, y: Tensor) -> Tensor:
         f = f.detach().requires_grad_(True)
@@ -535,7 +598,12 @@ class CurvlinopsHessian(CurvlinopsInterface):
     _operator_cls: ClassVar[type] = HessianLinearOperator
 
     def diag(
-        self, x: Inputs, y: Tensor, N: int | None = None, **kwargs: Any
+        self,
+        x: Inputs,
+        y: Tensor,
+        N: int | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
     ) -> tuple[Tensor, Tensor]:
         """Loss and Hessian diagonal of a batch, from blocks of Hessian columns.
 
@@ -543,7 +611,8 @@ class CurvlinopsHessian(CurvlinopsInterface):
             x: A batch of inputs.
             y: The targets.
             N: Size of the data set; unused (accepted for the common interface).
-            **kwargs: Unused options of other backends.
+            generator: Unused (accepted for the common interface).
+            **kwargs: None are accepted (``structure_options`` is empty).
 
         Returns:
             ``(loss, h)`` with ``h`` restricted to ``subnetwork_indices`` if given.
@@ -552,9 +621,10 @@ class CurvlinopsHessian(CurvlinopsInterface):
             ``h``: ``(params,)``
 
         Raises:
+            UnknownOptionError: For any keyword option.
             ValueError: For bad inputs or targets, or a non-finite diagonal.
         """
-        self._check_structure(HessianStructure.DIAG)
-        operator, loss, like = self._curvature_operator(x, y, None)
-        h = _diagonal(operator, self._indices(), like)
+        options = self._check_structure(HessianStructure.DIAG, kwargs)
+        operator, loss, like = self._curvature_operator(x, y, None, options)
+        h = math_attention(self.model, lambda: _diagonal(operator, self._indices(), like))
         return loss, self._check_finite(self._scale * h)

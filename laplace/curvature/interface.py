@@ -16,15 +16,23 @@ see :mod:`laplace.utils.precision`). The native backends are in
 from __future__ import annotations
 
 import copy
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from contextlib import nullcontext
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from laplace.curvature._tools import _split_samples, _trainable
+from laplace.curvature._fallback import (
+    FastPath,
+    jacobian_rows,
+    looped_jacobians,
+    run_with_fallback,
+)
+from laplace.curvature._options import check_options
+from laplace.curvature._tools import _features_attached, _split_samples, _trainable
 from laplace.utils.data import Inputs, all_finite, batch_size, cast_inputs
 from laplace.utils.enums import HessianStructure, Likelihood, parse_enum
 from laplace.utils.precision import gram
@@ -36,16 +44,19 @@ class CurvatureInterface:
     """Common base of every curvature backend.
 
     Subclasses declare what they compute with the class attributes ``structures``,
-    ``supports_dict_inputs`` and ``supports_backprop``, and override the structure methods
-    (:meth:`full`, :meth:`diag`, :meth:`kron`) they support, starting each with
-    :meth:`_check_structure`. :meth:`jacobians`, :meth:`last_layer_jacobians` and
-    :meth:`gradients` are implemented here with ``torch.func``. Every method differentiates
+    ``structure_options``, ``supports_dict_inputs`` and ``supports_backprop``, and override
+    the structure methods (:meth:`full`, :meth:`diag`, :meth:`kron`) they support, starting
+    each with :meth:`_check_structure`, which also checks the method's keyword options.
+    :meth:`jacobians`, :meth:`last_layer_jacobians` and :meth:`gradients` are implemented
+    here with ``torch.func``. Every method differentiates
     the module returned by :meth:`_module_and_input` w.r.t. ``params`` and restricts its
     result to ``subnetwork_indices`` with :meth:`_restrict`.
 
     Args:
         model: The model; with ``last_layer=True`` a feature extractor with a ``last_layer``
-            module and ``forward_with_features(x) -> (out, features)``.
+            module and ``forward_with_features(x) -> (out, features)``. Without it, a
+            feature extractor whose last layer is found on its first forward pass is fine
+            (for :meth:`last_layer_jacobians`).
         likelihood: ``"classification"``, ``"regression"`` or ``"reward_modeling"`` (whose
             curvature is that of classification).
         last_layer: Differentiate only the parameters of ``model.last_layer``, applied to
@@ -72,10 +83,14 @@ class CurvatureInterface:
     Raises:
         TypeError: If ``kwargs`` is not empty.
         ValueError: For an unknown likelihood, no trainable parameters, a model that is no
-            feature extractor with ``last_layer=True``, or bad subnetwork indices.
+            feature extractor (or one whose last layer is not found yet) with
+            ``last_layer=True``, or bad subnetwork indices.
     """
 
     structures: ClassVar[frozenset[HessianStructure]] = frozenset()
+    structure_options: ClassVar[Mapping[HessianStructure, frozenset[str]]] = MappingProxyType({})
+    """The keyword options each structure method takes besides ``x, y, N, generator, out``
+    (where ``asdl_fisher_kwargs`` arrive; see :mod:`laplace.curvature._options`)."""
     supports_dict_inputs: ClassVar[bool] = True
     supports_backprop: ClassVar[bool] = True
     psd_curvature: ClassVar[bool] = True
@@ -185,15 +200,34 @@ class CurvatureInterface:
             )
         return indices.to(device=self.params[0].device, dtype=torch.long)
 
-    def _feature_extractor(self) -> Any:
-        """The model, checked to be a feature extractor."""
-        if not callable(getattr(self.model, "forward_with_features", None)) or not isinstance(
-            getattr(self.model, "last_layer", None), nn.Module
+    def _feature_extractor(self, found: bool = True) -> Any:
+        """The model, checked to be a feature extractor.
+
+        Args:
+            found: Also require its ``last_layer`` to be known; otherwise it may still be
+                ``None`` (a :class:`~laplace.utils.FeatureExtractor` finds it on its first
+                forward pass).
+
+        Raises:
+            ValueError: If the model has no ``forward_with_features`` and ``last_layer``, or
+                (with ``found``) its last layer has not been found yet.
+        """
+        last = getattr(self.model, "last_layer", None)
+        if (
+            not callable(getattr(self.model, "forward_with_features", None))
+            or not hasattr(self.model, "last_layer")
+            or not (last is None or isinstance(last, nn.Module))
         ):
             raise ValueError(
                 "model must be a feature extractor with a `last_layer` module and "
                 f"`forward_with_features(x)` for last-layer curvature, got "
                 f"{type(self.model).__name__}"
+            )
+        if found and last is None:
+            raise ValueError(
+                "the feature extractor's last layer has not been found yet: pass "
+                "last_layer_name, or call model.find_last_layer(x) once, before building a "
+                "backend with last_layer=True"
             )
         return self.model
 
@@ -258,12 +292,16 @@ class CurvatureInterface:
             )
         return curvature
 
-    def _check_structure(self, structure: HessianStructure) -> None:
-        """Raise unless this backend computes ``structure`` for its parameters.
+    def _check_structure(
+        self, structure: HessianStructure, options: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Raise unless this backend computes ``structure`` for its parameters with the
+        keyword ``options`` of its structure method; return them validated.
 
         Raises:
             NotImplementedError: If ``structure`` is not in ``structures``.
-            ValueError: For ``kron`` with ``subnetwork_indices``.
+            ValueError: For ``kron`` with ``subnetwork_indices``, or bad ``options`` (see
+                :meth:`curvature_options`).
         """
         if structure not in self.structures:
             supported = ", ".join(sorted(repr(s.value) for s in self.structures)) or "none"
@@ -276,6 +314,32 @@ class CurvatureInterface:
                 f"{type(self).__name__} cannot compute 'kron' curvature with "
                 "subnetwork_indices: a subnetwork has no Kronecker factors"
             )
+        return self.curvature_options(structure, options or {})
+
+    def curvature_options(
+        self, structure: HessianStructure | str, options: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Check keyword options of the structure method ``structure``; return them validated.
+
+        The one check of every backend's options: the keywords a structure method takes
+        beyond ``x, y, N, generator, out`` are those in ``structure_options[structure]``
+        (see :mod:`laplace.curvature._options`); any other raises instead of being ignored.
+
+        Args:
+            structure: ``"full"``, ``"diag"`` or ``"kron"``.
+            options: The keyword arguments, such as a Laplace object's ``asdl_fisher_kwargs``.
+
+        Returns:
+            The options with validated values.
+
+        Raises:
+            UnknownOptionError: For a keyword the method does not take (a ``TypeError`` and a
+                ``ValueError``), naming the backend, the method and the accepted options.
+            ValueError: For a value of the wrong type or range.
+        """
+        structure = parse_enum(HessianStructure, structure, "structure")
+        accepted = self.structure_options.get(structure, frozenset())
+        return check_options(f"{type(self).__name__}.{structure.value}", accepted, options)
 
     # ------------------------------------------------------------------ hooks
     def _module_and_input(
@@ -291,11 +355,20 @@ class CurvatureInterface:
         return self._features(x, enable_backprop)
 
     def _features(self, x: Inputs, enable_backprop: bool) -> tuple[nn.Module, Tensor]:
-        """The last layer and the features ``phi`` of ``x`` it is applied to."""
-        extractor = self._feature_extractor()
-        with nullcontext() if enable_backprop else torch.no_grad():
+        """The last layer and the features ``phi`` of ``x`` it is applied to.
+
+        A feature extractor whose last layer is not known yet finds it in this forward pass.
+        With ``enable_backprop`` the features stay on the graph of ``x`` even where the
+        extractor detaches them by default (built with ``enable_backprop=False``).
+        """
+        extractor = self._feature_extractor(found=False)
+        with (
+            nullcontext() if enable_backprop else torch.no_grad(),
+            _features_attached(extractor, enable_backprop),
+        ):
             _, phi = extractor.forward_with_features(x)
-        return extractor.last_layer, phi if enable_backprop else phi.detach()
+        layer = self._feature_extractor().last_layer
+        return layer, phi if enable_backprop else phi.detach()
 
     def _restrict(self, tensor: Tensor) -> Tensor:
         """Select the ``subnetwork_indices`` entries of the last (parameter) dimension."""
@@ -310,6 +383,10 @@ class CurvatureInterface:
         """Per-sample Jacobians of ``module(inputs)`` w.r.t. the tensors ``named``.
 
         Each sample is vmapped as a batch of one: one backward pass per sample and output.
+        A module that ``vmap`` cannot batch (data-dependent control flow, such as the
+        attention-mask code of Hugging Face models) takes one forward pass over the batch
+        and one backward pass per sample and output instead, from its first failure on
+        (:mod:`laplace.curvature._fallback`).
 
         Shapes:
             ``Js``: ``(batch, outputs, params)``; ``f``: ``(batch, outputs)``
@@ -321,11 +398,16 @@ class CurvatureInterface:
             self._check_output(out)
             return out[0], out[0]
 
-        if not enable_backprop:
-            named = {name: p.detach() for name, p in named.items()}
-        with nullcontext() if enable_backprop else torch.no_grad():
-            jac, f = vmap(jacrev(output, has_aux=True), in_dims=(None, 0))(named, batched)
-        return torch.cat([jac[name].flatten(2) for name in named], dim=2), f
+        def vmapped() -> tuple[Tensor, Tensor]:
+            theta = named if enable_backprop else {n: p.detach() for n, p in named.items()}
+            with nullcontext() if enable_backprop else torch.no_grad():
+                jac, f = vmap(jacrev(output, has_aux=True), in_dims=(None, 0))(theta, batched)
+            return torch.cat([jac[name].flatten(2) for name in theta], dim=2), f
+
+        def looped() -> tuple[Tensor, Tensor]:
+            return looped_jacobians(module, named, inputs, enable_backprop, self._check_output)
+
+        return run_with_fallback(module, FastPath.VMAP, vmapped, looped)
 
     def jacobians(self, x: Inputs, enable_backprop: bool = False) -> tuple[Tensor, Tensor]:
         """Per-sample Jacobians of the model output w.r.t. the parameters.
@@ -357,7 +439,8 @@ class CurvatureInterface:
 
         For a linear last layer these are ``I ⊗ phi`` (weight, row-major) followed by the
         identity (bias). With ``last_layer=True`` this is :meth:`jacobians`; otherwise every
-        trainable parameter of ``model.last_layer`` is included, without restriction.
+        trainable parameter of ``model.last_layer`` is included, without restriction, and a
+        feature extractor whose last layer is not known yet finds it on this first use.
 
         Args:
             x: A batch of inputs.
@@ -380,6 +463,9 @@ class CurvatureInterface:
 
     def gradients(self, x: Inputs, y: Tensor) -> tuple[Tensor, Tensor]:
         """Detached per-sample gradients of the loss ``factor * lossfunc(f_n, y_n)``.
+
+        Vmapped over the samples; for a module ``vmap`` cannot batch, one forward pass over
+        the batch and one backward pass per sample (:mod:`laplace.curvature._fallback`).
 
         Args:
             x: A batch of inputs.
@@ -407,9 +493,20 @@ class CurvatureInterface:
             out = functional_call(module, theta, (rebuild(sample),))
             return self.factor * self.lossfunc(out, target.unsqueeze(0))
 
-        with torch.no_grad():
-            grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(named, batched, y)
-        Gs = torch.cat([grads[name].flatten(1) for name in named], dim=1)
+        def vmapped() -> Tensor:
+            with torch.no_grad():
+                grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(named, batched, y)
+            return torch.cat([grads[name].flatten(1) for name in named], dim=1)
+
+        def looped() -> Tensor:  # one forward pass, one backward pass per sample
+            leaves = {name: p.detach().requires_grad_(True) for name, p in named.items()}
+            with torch.enable_grad():
+                out = functional_call(module, leaves, (inputs,))
+                losses = [self.lossfunc(out[n : n + 1], y[n : n + 1]) for n in range(len(y))]
+                Gs = jacobian_rows(self.factor * torch.stack(losses), list(leaves.values()))
+            return Gs.detach()
+
+        Gs = run_with_fallback(module, FastPath.VMAP, vmapped, looped)
         return self._restrict(Gs), self.factor * self.lossfunc(f, y)
 
     # ------------------------------------------------------------------ structures

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from laplace.curvature._fallback import math_attention
 from laplace.utils.data import Inputs, batch_size, cast_inputs, unpack_batch
 
 __all__ = ["curvature_matvec", "default_max_iter", "lanczos_eigh"]
@@ -265,7 +266,9 @@ class _UnpackedBatches:
             yield X, y
 
 
-def curvature_matvec(backend: Any, loader: Iterable, n_data: int) -> Matvec:
+def curvature_matvec(
+    backend: Any, loader: Iterable, n_data: int, options: dict[str, Any] | None = None
+) -> Matvec:
     """``v -> H v`` for the curvature ``H`` of ``backend`` summed over ``loader``.
 
     ``H`` is the curvature of the library loss (``factor * sum_n loss_n``) over every batch,
@@ -280,11 +283,17 @@ def curvature_matvec(backend: Any, loader: Iterable, n_data: int) -> Matvec:
             ``CurvlinopsHessian``) for all weights.
         loader: The training data loader; batches are ``(X, y)`` or dict-like.
         n_data: Number of data points.
+        options: Keyword options of the backend's ``full`` (``mc_samples``, ``seed``),
+            checked by ``backend.curvature_options``.
 
     Returns:
         The product, a function of a vector ``(params,)`` returning ``(params,)``.
+
+    Raises:
+        UnknownOptionError: For an option the backend's ``full`` does not take.
     """
-    operator_cls, extra = backend._operator_spec(None)
+    options = backend.curvature_options("full", options or {})
+    operator_cls, extra = backend._operator_spec(None, options)
     model, _ = backend._promoted(backend.model, None)  # see CurvatureInterface._promoted
     params = backend._params_of(model)
     dtype = params[0].dtype if params[0].dtype != backend.params[0].dtype else None
@@ -303,7 +312,8 @@ def curvature_matvec(backend: Any, loader: Iterable, n_data: int) -> Matvec:
     )
     scale = backend._scale
 
-    def matvec(v: Tensor) -> Tensor:
-        return scale * (operator @ v.to(params[0].dtype)).to(v.dtype)
+    def matvec(v: Tensor) -> Tensor:  # forward-mode products: see math_attention
+        product = math_attention(backend.model, lambda: operator @ v.to(params[0].dtype))
+        return scale * product.to(v.dtype)
 
     return matvec

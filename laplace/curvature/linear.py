@@ -33,6 +33,7 @@ accumulation precision as well.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -135,17 +136,21 @@ def computes_ggn(backend: Any) -> bool:
     return callable(getattr(backend, "_output_root", None))
 
 
-def output_curvature(backend: Any, f: Tensor) -> OutputCurvature:
+def output_curvature(
+    backend: Any, f: Tensor, options: Mapping[str, Any] | None = None
+) -> OutputCurvature:
     """``Lambda_n`` of a GGN backend at the outputs ``f``.
 
     For classification ``Lambda_n = diag(p_n) - p_n p_n^T`` with ``p_n = softmax(f_n)``, for
-    regression the identity, and with ``stochastic=True`` the backend's sampled root.
+    regression the identity, and with ``stochastic=True`` the backend's sampled root, with
+    the sampling ``options`` (``mc_samples``, ``seed``) of a structure method.
 
     Shapes:
         ``f (batch, outputs)``
     """
-    if getattr(backend, "stochastic", False):
-        return OutputCurvature(root=backend._output_root(f, backend.generator))
+    sampling = backend._sampling(backend.generator, dict(options or {}))
+    if backend.stochastic:
+        return OutputCurvature(root=backend._output_root(f, *sampling))
     if backend.likelihood == Likelihood.REGRESSION:
         return OutputCurvature(identity=f)
     return OutputCurvature(probs=torch.softmax(f, dim=-1))

@@ -373,7 +373,11 @@ class KronCurvature(Curvature):
         self.H._check_compatible(H_batch)
         for mine, theirs in zip(self.H.kfacs, H_batch.kfacs):
             for factor, batch_factor in zip(mine, theirs):
-                factor.add_(batch_factor.to(device=factor.device))  # in the storage's dtype
+                batch_factor = batch_factor.to(device=factor.device)
+                if batch_factor.ndim == 1:  # a diagonal factor
+                    factor.diagonal().add_(batch_factor)
+                else:
+                    factor.add_(batch_factor)  # in the storage's dtype
         self._invalidate()
 
     def with_prior(self, prior_precision: Tensor, factor: Tensor | float) -> KronPosterior:

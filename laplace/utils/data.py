@@ -9,7 +9,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["dataset_size", "unpack_batch", "batch_size", "check_finite_inputs", "all_finite"]
+from laplace.errors import InputMismatchError, MissingKeyError
+
+__all__ = [
+    "all_finite",
+    "batch_size",
+    "check_finite_inputs",
+    "check_finite_targets",
+    "check_input_dtype",
+    "dataset_size",
+    "per_sample_shape",
+    "unpack_batch",
+]
 
 Inputs = Tensor | MutableMapping[str, Any]
 
@@ -42,13 +53,16 @@ def unpack_batch(
     Tensors are moved to ``device``.
 
     Raises:
+        MissingKeyError: If a dict-like batch lacks ``dict_key_x`` or ``dict_key_y`` (a
+            ``KeyError`` and a ``ValueError``).
         ValueError: If the batch has neither form.
     """
     if isinstance(batch, MutableMapping):
-        if dict_key_y not in batch:
-            raise ValueError(
-                f"dict-like batch has no key dict_key_y={dict_key_y!r}; keys: {list(batch)}"
-            )
+        for argument, key in (("dict_key_x", dict_key_x), ("dict_key_y", dict_key_y)):
+            if key not in batch:
+                raise MissingKeyError(
+                    f"dict-like batch has no key {argument}={key!r}; keys: {list(batch)}"
+                )
         return batch, torch.as_tensor(batch[dict_key_y]).to(device)
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         X, y = batch
@@ -84,6 +98,36 @@ def check_finite_inputs(X: Inputs, name: str = "X") -> None:
     for tensor in tensors:
         if isinstance(tensor, Tensor) and tensor.is_floating_point() and not all_finite(tensor):
             raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def check_finite_targets(y: Tensor, name: str = "y") -> None:
+    """Raise ``ValueError`` if floating-point targets contain NaN or Inf."""
+    if y.is_floating_point() and not all_finite(y):
+        raise ValueError(
+            f"{name} (the targets) contains NaN or Inf values; a fit on them would give a "
+            "NaN loss and marginal likelihood"
+        )
+
+
+def check_input_dtype(X: Inputs, dtype: torch.dtype, dict_key_x: str = "input_ids") -> None:
+    """Raise :class:`~laplace.errors.InputMismatchError` for floating inputs not in ``dtype``.
+
+    For a dict-like batch only the entry ``dict_key_x`` is checked (masks and other entries
+    may have other dtypes); integer inputs (token ids) are not checked.
+    """
+    name, tensor = "X", X
+    if isinstance(X, MutableMapping):
+        name, tensor = f"X[{dict_key_x!r}]", X.get(dict_key_x)
+    if isinstance(tensor, Tensor) and tensor.is_floating_point() and tensor.dtype != dtype:
+        raise InputMismatchError(
+            f"{name} has dtype {tensor.dtype}, the model's parameters {dtype}: cast the data "
+            f"(.to({dtype})) or the model (.to({tensor.dtype}))"
+        )
+
+
+def per_sample_shape(X: Inputs) -> tuple[int, ...] | None:
+    """The shape of one sample of tensor inputs, ``X.shape[1:]``; None for dict-like ones."""
+    return tuple(X.shape[1:]) if isinstance(X, Tensor) else None
 
 
 def cast_inputs(inputs: Inputs, dtype: torch.dtype) -> Inputs:

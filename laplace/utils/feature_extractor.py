@@ -11,7 +11,9 @@ on every leaf module records the last leaf module that runs, which must be an ``
 Language models in the style of Hugging Face apply the classification head to every token,
 ``(batch, seq, dim) -> (batch, seq, classes)``, and then pick one token's logits. With a
 :class:`FeatureReduction` the captured features are reduced in the same way
-(``pick_first``, ``pick_last`` or ``average`` over the sequence) to ``(batch, dim)``.
+(``pick_first``, ``pick_last`` or ``average`` over the sequence) to ``(batch, dim)``;
+features with more dimensions, ``(batch, d1, ..., dk, dim)``, are reduced over all of
+``d1, ..., dk`` taken as one sequence in row-major order.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from laplace.errors import UnknownNameError
 from laplace.utils.enums import _StrEnum, parse_enum
 
 __all__ = ["FeatureExtractor", "FeatureReduction"]
@@ -48,6 +51,8 @@ class FeatureExtractor(nn.Module):
         TypeError: If ``model`` is not an ``nn.Module``.
         ValueError: For an unknown ``feature_reduction`` or a ``last_layer_name`` that does
             not name an ``nn.Linear`` of the model.
+        UnknownNameError: For a ``last_layer_name`` the model has no module of (a
+            ``KeyError`` and a ``ValueError``).
     """
 
     def __init__(
@@ -86,15 +91,22 @@ class FeatureExtractor(nn.Module):
         """Use the module ``last_layer_name`` of the model as the last layer.
 
         Raises:
-            ValueError: If no ``nn.Linear`` of the model has this name; the message lists the
-                names that are valid.
+            UnknownNameError: If the model has no module of this name (a ``KeyError`` and a
+                ``ValueError``); the message lists the ``nn.Linear`` names that are valid.
+            ValueError: If the module is not an ``nn.Linear``.
         """
         modules = dict(self.model.named_modules())
-        if not isinstance(modules.get(last_layer_name), nn.Linear):
-            found = "not found" if last_layer_name not in modules else "not an nn.Linear"
+        if last_layer_name not in modules:
+            raise UnknownNameError(
+                f"last_layer_name must name an nn.Linear module of the model, got "
+                f"{last_layer_name!r} (not found); nn.Linear modules: {self._linear_names()}"
+            )
+        kind = type(modules[last_layer_name]).__name__
+        if not isinstance(modules[last_layer_name], nn.Linear):
             raise ValueError(
                 f"last_layer_name must name an nn.Linear module of the model, got "
-                f"{last_layer_name!r} ({found}); nn.Linear modules: {self._linear_names()}"
+                f"{last_layer_name!r} (not an nn.Linear: a {kind}); "
+                f"nn.Linear modules: {self._linear_names()}"
             )
         self.last_layer_name = last_layer_name
 
@@ -115,9 +127,8 @@ class FeatureExtractor(nn.Module):
             (or the layer input's shape without a ``feature_reduction``)
 
         Raises:
-            ValueError: If the last layer cannot be found, is not called by the forward
-                pass, or a ``feature_reduction`` is given for features with more than three
-                dimensions.
+            ValueError: If the last layer cannot be found or is not called by the forward
+                pass.
         """
         if self.last_layer is None:
             out, features = self._find(x, **model_kwargs)
@@ -181,24 +192,20 @@ class FeatureExtractor(nn.Module):
         self._captured = (module, inputs[0])
 
     def _reduce(self, features: Tensor) -> Tensor:
-        """Apply ``feature_reduction`` to ``(batch, seq, dim)`` features.
+        """Apply ``feature_reduction`` over every dimension between the batch and the last.
 
         Shapes:
-            ``(batch, seq, dim) -> (batch, dim)``; other shapes are returned unchanged when
-            there is no reduction.
+            ``(batch, d1, ..., dk, dim) -> (batch, dim)``; ``(batch, dim)`` features, and any
+            features when there is no reduction, are returned unchanged.
         """
-        if self.feature_reduction is None or features.ndim == 2:
+        if self.feature_reduction is None or features.ndim <= 2:
             return features
-        if features.ndim != 3:
-            raise ValueError(
-                f"feature_reduction={self.feature_reduction.value!r} needs features of shape "
-                f"(batch, seq, dim), got {tuple(features.shape)}"
-            )
+        tokens = features.reshape(features.shape[0], -1, features.shape[-1])
         if self.feature_reduction == FeatureReduction.PICK_FIRST:
-            return features[:, 0]
+            return tokens[:, 0]
         if self.feature_reduction == FeatureReduction.PICK_LAST:
-            return features[:, -1]
-        return features.mean(dim=1)
+            return tokens[:, -1]
+        return tokens.mean(dim=1)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

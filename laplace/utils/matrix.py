@@ -14,6 +14,10 @@ differentiable in the deltas and in a global scale.
 
 All matrix-vector style products use ``(B ⊗ A) vec(X) = vec(B X A^T)`` for row-major ``vec``
 and never form a block densely.
+
+A factor may be given as a vector ``d``: it is the diagonal matrix ``diag(d)`` in every
+operation (products, powers, sums, log-determinants, the eigendecomposition, whose
+eigenvalues are ``d`` with identity eigenvectors) and is stored without forming the matrix.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from laplace.utils.precision import accumulation_dtype
-from laplace.utils.utils import symeig
+from laplace.utils.utils import psd_eigh
 
 __all__ = ["Kron", "KronDecomposed", "kron", "block_diag"]
 
@@ -76,6 +80,18 @@ def _block_numel(factors: Sequence[Tensor]) -> int:
     return math.prod(f.shape[0] for f in factors)
 
 
+def _dense(factor: Tensor) -> Tensor:
+    """A factor as a matrix: ``diag(d)`` for a vector ``d``."""
+    return torch.diag(factor) if factor.ndim == 1 else factor
+
+
+def _times(X: Tensor, factor: Tensor, dim: int) -> Tensor:
+    """``X`` multiplied by ``factor`` along ``dim`` (``-1``: ``X F``; ``-2``: ``F^T X``)."""
+    if factor.ndim == 1:
+        return X * (factor if dim == -1 else factor[:, None])
+    return X @ factor if dim == -1 else factor.mT @ X
+
+
 def _right_multiply(W: Tensor, factors: Sequence[Tensor]) -> Tensor:
     """``W (F_0 ⊗ F_1)`` (or ``W F_0``) for the rows of ``W``, without forming the product.
 
@@ -83,10 +99,10 @@ def _right_multiply(W: Tensor, factors: Sequence[Tensor]) -> Tensor:
         ``(rows, p * q) -> (rows, p * q)``
     """
     if len(factors) == 1:
-        return W @ factors[0]
+        return _times(W, factors[0], -1)
     first, second = factors
     X = W.reshape(W.shape[0], first.shape[0], second.shape[0])
-    return (first.mT @ X @ second).reshape(W.shape)
+    return _times(_times(X, first, -2), second, -1).reshape(W.shape)
 
 
 def _rows(W: Tensor, n_params: int) -> Tensor:
@@ -100,21 +116,41 @@ def _rows(W: Tensor, n_params: int) -> Tensor:
 
 
 def _power(factor: Tensor, exponent: float) -> Tensor:
+    """``F^exponent`` of a positive semi-definite factor (a vector stays a vector)."""
     if exponent == 1:
         return factor
-    eigenvalues, eigenvectors = symeig(factor)
+    if factor.ndim == 1:
+        return factor.clamp(min=0.0).pow(exponent)
+    eigenvalues, eigenvectors = psd_eigh(factor)
     return (eigenvectors * eigenvalues.pow(exponent)) @ eigenvectors.mT
+
+
+def _eigh(factor: Tensor) -> tuple[Tensor, Tensor]:
+    """``(eigenvalues, eigenvectors)`` of a factor; a vector's are itself (clamped at zero,
+    as :func:`psd_eigh` clamps) and the identity."""
+    if factor.ndim == 1:
+        eye = torch.eye(factor.shape[0], device=factor.device, dtype=factor.dtype)
+        return factor.clamp(min=0.0), eye
+    return psd_eigh(factor)
+
+
+def _add_factors(first: Tensor, second: Tensor) -> Tensor:
+    """Sum of two factors; a vector is a diagonal matrix (two vectors stay a vector)."""
+    if first.ndim == second.ndim:
+        return first + second
+    return _dense(first) + _dense(second)
 
 
 class Kron:
     """Block-diagonal matrix of Kronecker-factored blocks, one per parameter tensor.
 
     Args:
-        kfacs: One list per block with one or two square factors; ``[B, A]`` is ``B ⊗ A``.
+        kfacs: One list per block with one or two factors; ``[B, A]`` is ``B ⊗ A``. A factor
+            is a square matrix or a vector ``d``, the diagonal matrix ``diag(d)``.
 
     Raises:
         ValueError: If there are no blocks, a block has no or more than two factors, or a
-            factor is not square.
+            factor is neither a square matrix nor a vector.
     """
 
     def __init__(self, kfacs: Sequence[Sequence[Tensor]]) -> None:
@@ -125,10 +161,12 @@ class Kron:
             if len(factors) not in (1, 2):
                 raise ValueError(f"kfacs[{index}] must hold 1 or 2 factors, got {len(factors)}")
             for factor in factors:
+                if factor.ndim == 1:
+                    continue
                 if factor.ndim != 2 or factor.shape[0] != factor.shape[1]:
                     raise ValueError(
-                        f"kfacs[{index}] factors must be square matrices, "
-                        f"got shape {tuple(factor.shape)}"
+                        f"kfacs[{index}] factors must be square matrices or vectors (diagonal "
+                        f"matrices), got shape {tuple(factor.shape)}"
                     )
 
     @classmethod
@@ -188,7 +226,7 @@ class Kron:
         if len(other) != len(self):
             raise ValueError(f"cannot add a Kron with {len(other)} blocks to one with {len(self)}")
         for index, (mine, theirs) in enumerate(zip(self.kfacs, other.kfacs)):
-            if [f.shape for f in mine] != [f.shape for f in theirs]:
+            if [f.shape[0] for f in mine] != [f.shape[0] for f in theirs]:
                 raise ValueError(
                     f"block {index} factor shapes differ: {[tuple(f.shape) for f in mine]} vs "
                     f"{[tuple(f.shape) for f in theirs]}"
@@ -199,7 +237,7 @@ class Kron:
             self._check_compatible(other)
             return Kron(
                 [
-                    [f + g for f, g in zip(mine, theirs)]
+                    [_add_factors(f, g) for f, g in zip(mine, theirs)]
                     for mine, theirs in zip(self.kfacs, other.kfacs)
                 ]
             )
@@ -227,14 +265,14 @@ class Kron:
         return self
 
     def decompose(self, damping: bool = False) -> KronDecomposed:
-        """Eigendecompose every factor (with :func:`~laplace.utils.utils.symeig`).
+        """Eigendecompose every factor (with :func:`~laplace.utils.utils.psd_eigh`).
 
         Args:
             damping: Add deltas to the factors' eigenvalues (see :class:`KronDecomposed`).
         """
         eigenvectors, eigenvalues = [], []
         for factors in self.kfacs:
-            pairs = [symeig(f) for f in factors]
+            pairs = [_eigh(f) for f in factors]
             eigenvalues.append([values for values, _ in pairs])
             eigenvectors.append([vectors for _, vectors in pairs])
         return KronDecomposed(eigenvectors, eigenvalues, damping=damping)
@@ -243,25 +281,23 @@ class Kron:
         """Diagonal of the whole matrix, shape ``(params,)``."""
         diagonals = []
         for factors in self.kfacs:
+            diagonal = [f if f.ndim == 1 else f.diagonal() for f in factors]
             if len(factors) == 1:
-                diagonals.append(factors[0].diagonal())
+                diagonals.append(diagonal[0])
             else:
-                diagonals.append(torch.outer(*(f.diagonal() for f in factors)).reshape(-1))
+                diagonals.append(torch.outer(*diagonal).reshape(-1))
         return torch.cat(diagonals)
 
     def logdet(self) -> Tensor:
         """``log det`` of the whole matrix; ``log det(B ⊗ A) = a log det B + b log det A``."""
         total = 0.0
         for factors in self.kfacs:
+            logdets = [f.log().sum() if f.ndim == 1 else torch.logdet(f) for f in factors]
             if len(factors) == 1:
-                total = total + torch.logdet(factors[0])
+                total = total + logdets[0]
             else:
                 first, second = factors
-                total = (
-                    total
-                    + second.shape[0] * torch.logdet(first)
-                    + first.shape[0] * torch.logdet(second)
-                )
+                total = total + second.shape[0] * logdets[0] + first.shape[0] * logdets[1]
         return total
 
     def to_matrix(self, exponent: float = 1) -> Tensor:
@@ -272,7 +308,7 @@ class Kron:
         """
         blocks = []
         for factors in self.kfacs:
-            powers = [_power(f, exponent) for f in factors]
+            powers = [_dense(_power(f, exponent)) for f in factors]
             blocks.append(powers[0] if len(powers) == 1 else kron(*powers))
         return block_diag(blocks)
 

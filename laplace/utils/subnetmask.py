@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from laplace.errors import HyperparameterTypeError, UnknownNameError
 from laplace.utils.data import unpack_batch
 from laplace.utils.enums import Likelihood, parse_enum
 from laplace.utils.feature_extractor import FeatureExtractor
@@ -41,11 +42,7 @@ __all__ = [
 ]
 
 
-class SubnetNameError(KeyError, ValueError):
-    """An unknown parameter or module name (both a ``KeyError`` and a ``ValueError``)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
+SubnetNameError = UnknownNameError
 
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -169,14 +166,15 @@ class ScoreBasedSubnetMask(SubnetMask):
         n_params_subnet: Number of parameters to keep.
 
     Raises:
-        TypeError: If ``n_params_subnet`` is not an integer.
+        HyperparameterTypeError: If ``n_params_subnet`` is not an integer (``None``
+            included); it is a ``TypeError`` and a ``ValueError``.
         ValueError: If it is not in ``[1, n_params]``.
     """
 
     def __init__(self, model: nn.Module, n_params_subnet: int) -> None:
         super().__init__(model)
         if isinstance(n_params_subnet, bool) or not isinstance(n_params_subnet, int):
-            raise TypeError(
+            raise HyperparameterTypeError(
                 f"n_params_subnet must be an int, got {type(n_params_subnet).__name__}"
             )
         if not 1 <= n_params_subnet <= self.n_params:

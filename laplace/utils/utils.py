@@ -17,6 +17,7 @@ from laplace.utils.enums import LinkApprox, PredType, PriorStructure, parse_enum
 
 __all__ = [
     "symeig",
+    "psd_eigh",
     "stable_eigh",
     "invsqrt_precision",
     "diagonal_add_scalar",
@@ -67,7 +68,7 @@ def _with_jitter(solve: Callable[[Tensor], Any], M: Tensor) -> tuple[Any, float]
 def psd_eigenvalues(M: Tensor) -> Tensor:
     """Eigenvalues of a symmetric positive semi-definite matrix, ascending, clamped at zero.
 
-    The eigenvalues of :func:`symeig` without the eigenvectors (``torch.linalg.eigvalsh``,
+    The eigenvalues of :func:`psd_eigh` without the eigenvectors (``torch.linalg.eigvalsh``,
     about half the time of ``eigh``), in the same precision and with the same jittered retry.
 
     Shapes:
@@ -77,14 +78,13 @@ def psd_eigenvalues(M: Tensor) -> Tensor:
     return (eigenvalues - jitter).clamp(min=0.0).to(M.dtype)
 
 
-def symeig(M: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigendecomposition of a symmetric positive semi-definite matrix.
+def psd_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of a symmetric positive semi-definite matrix, for internal use.
 
-    If ``torch.linalg.eigh`` fails to converge, it is retried on ``M + 1e-6 I`` and the jitter
-    is subtracted from the eigenvalues again. Eigenvalues are clamped at zero.
-
-    Args:
-        M: Symmetric matrix.
+    In the precision of :func:`_solver_precision` (float64 for float32 matrices on the CPU),
+    cast back to ``M``'s dtype. If ``torch.linalg.eigh`` fails to converge, it is retried on
+    ``M + 1e-6 I`` and the jitter is subtracted from the eigenvalues again. Eigenvalues are
+    clamped at zero.
 
     Returns:
         ``(eigenvalues, eigenvectors)`` in ascending order, eigenvectors as columns.
@@ -94,6 +94,42 @@ def symeig(M: Tensor) -> tuple[Tensor, Tensor]:
     """
     (eigenvalues, eigenvectors), jitter = _with_jitter(stable_eigh, M)
     return (eigenvalues - jitter).clamp(min=0.0), eigenvectors
+
+
+def symeig(M: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of a symmetric positive semi-definite matrix (the public utility).
+
+    The contract of ``laplace-torch``'s ``symeig``: ``torch.linalg.eigh`` on the upper
+    triangle of ``M`` in ``M``'s own dtype; if it fails to converge, one retry on ``M + I``
+    with 1 subtracted from the eigenvalues again; eigenvalues clamped at zero. Unlike
+    ``laplace-torch`` (which ends the process when the retry fails, and turns NaN into zeros),
+    a matrix with NaN or Inf entries or a failed retry raises an error. The library itself
+    uses :func:`psd_eigh`, which solves float32 matrices in float64.
+
+    Args:
+        M: Symmetric matrix.
+
+    Returns:
+        ``(eigenvalues, eigenvectors)`` in ascending order, eigenvectors as columns.
+
+    Shapes:
+        ``M (n, n) -> eigenvalues (n,), eigenvectors (n, n)``
+
+    Raises:
+        ValueError: If ``M`` is not a square matrix or has NaN or Inf entries.
+        torch.linalg.LinAlgError: If ``eigh`` fails on ``M + I`` too.
+    """
+    if M.ndim != 2 or M.shape[0] != M.shape[1]:
+        raise ValueError(f"M must be a square matrix, got shape {tuple(M.shape)}")
+    if not torch.isfinite(M).all():
+        raise ValueError("M contains NaN or Inf entries; it has no eigendecomposition")
+    try:
+        eigenvalues, eigenvectors = torch.linalg.eigh(M, UPLO="U")
+    except RuntimeError:
+        shifted = M + torch.eye(M.shape[0], device=M.device, dtype=M.dtype)
+        eigenvalues, eigenvectors = torch.linalg.eigh(shifted, UPLO="U")
+        eigenvalues = eigenvalues - 1.0
+    return eigenvalues.clamp(min=0.0), eigenvectors
 
 
 def invsqrt_precision(M: Tensor) -> Tensor:

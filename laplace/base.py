@@ -1,0 +1,283 @@
+"""The base class of every Laplace approximation (parametric and, later, function-space).
+
+:class:`BaseLaplace` holds what every Laplace approximation shares: the likelihood, the
+hyperparameters and their checks (:mod:`laplace.hyperparameters`), prior tuning
+(:mod:`laplace.tuning`), the predictive dispatch (:mod:`laplace.predictive`), the backend it
+builds, and the loss summed by ``fit``. It is re-exported from :mod:`laplace.baselaplace`,
+the public import path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from laplace.hyperparameters import HyperparameterMixin
+from laplace.predictive import PredictiveMixin
+from laplace.subsets import AllWeights
+from laplace.tuning import PriorTuningMixin
+from laplace.utils.enums import HessianStructure, Likelihood, parse_enum
+from laplace.utils.precision import accumulation_dtype
+
+__all__ = ["BaseLaplace"]
+
+
+class BaseLaplace(HyperparameterMixin, PriorTuningMixin, PredictiveMixin):
+    """Base class of every Laplace approximation.
+
+    Args:
+        model: The trained network; its output has shape ``(batch, outputs)``.
+        likelihood: ``"classification"``, ``"regression"`` or ``"reward_modeling"``.
+        sigma_noise: Observation noise standard deviation (regression only; must be 1
+            otherwise).
+        prior_precision: Scalar, per-layer or per-parameter precision of the Gaussian prior.
+        prior_mean: Scalar or per-parameter prior mean.
+        temperature: Likelihood temperature; values below 1 concentrate the posterior.
+        enable_backprop: Keep the predictive differentiable w.r.t. the input.
+        dict_key_x: Key of the inputs in dict-like batches.
+        dict_key_y: Key of the targets in dict-like batches.
+        backend: Curvature backend class (default ``CurvlinopsGGN``).
+        backend_kwargs: Keyword arguments for the backend's constructor.
+        asdl_fisher_kwargs: Keyword options passed to the backend's ``full``/``diag``/``kron``
+            in every batch of ``fit`` (for example ``kfac_approx``, ``mc_samples``, ``seed``;
+            ASDL: ``var``, ``seed``); see the Backends page of the docs.
+
+    Raises:
+        ValueError: For unknown option strings, ``sigma_noise != 1`` outside regression,
+            non-positive precisions or temperatures, or a backend that cannot compute the
+            requested structure.
+    """
+
+    _structure: ClassVar[HessianStructure | None] = None
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        sigma_noise: float | Tensor = 1.0,
+        prior_precision: float | Tensor = 1.0,
+        prior_mean: float | Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: type | None = None,
+        backend_kwargs: dict[str, Any] | None = None,
+        asdl_fisher_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.likelihood = parse_enum(Likelihood, likelihood, "likelihood")
+        self.model = model
+        self.subset = self._make_subset(model)
+        self.enable_backprop = bool(enable_backprop)
+        self.dict_key_x = dict_key_x
+        self.dict_key_y = dict_key_y
+        self._backend_cls = self._check_backend(backend)
+        self._backend_kwargs = dict(backend_kwargs or {})
+        self._asdl_fisher_kwargs = dict(asdl_fisher_kwargs or {})
+        self._backend = None
+        self.n_outputs: int | None = None
+        self.n_data: int | None = None
+        self._input_shape: tuple[int, ...] | None = None  # of one sample, seen by fit
+        self.loss = 0.0
+        self._init_hyperparameters(sigma_noise, prior_precision, prior_mean, temperature)
+
+    def _make_subset(self, model: nn.Module) -> AllWeights:
+        return AllWeights(model)
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return self.subset.params
+
+    @property
+    def n_params(self) -> int:
+        """Number of parameters the Laplace approximation covers."""
+        return self._n_posterior
+
+    @property
+    def n_layers(self) -> int:
+        """Number of parameter blocks (layerwise prior entries)."""
+        return self._n_blocks
+
+    @property
+    def _n_posterior(self) -> int:
+        """Dimension of the Gaussian: the size of ``H``, the posterior and a diagonal prior."""
+        return sum(self.subset.sizes)
+
+    @property
+    def _n_blocks(self) -> int:
+        """Number of prior blocks: the entries of a layerwise prior."""
+        return len(self.subset.sizes)
+
+    @property
+    def _device(self) -> torch.device:
+        return self.params[0].device
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
+    @property
+    def _accumulation_dtype(self) -> torch.dtype:
+        """The precision of sums over the data and of the marginal likelihood's terms
+        (:func:`~laplace.utils.precision.accumulation_dtype`)."""
+        return accumulation_dtype(self._dtype, self._device)
+
+    @property
+    def loss(self) -> Tensor | float:
+        """The training loss ``factor * sum_n loss_n`` at the MAP, summed by :meth:`fit` (in
+        the accumulation precision; returned in the model's dtype)."""
+        if isinstance(self._loss, Tensor):
+            return self._loss.to(self._dtype)
+        return self._loss
+
+    @loss.setter
+    def loss(self, value: Tensor | float) -> None:
+        if isinstance(value, Tensor):
+            value = value.detach().to(accumulation_dtype(value.dtype, value.device))
+        self._loss = value
+
+    def _check_backend(self, backend: type | None) -> type:
+        from laplace.curvature import BACKENDS, CurvlinopsGGN
+
+        backend = CurvlinopsGGN if backend is None else backend
+        if not isinstance(backend, type) or not hasattr(backend, "structures"):
+            raise ValueError(f"backend must be a curvature backend class, got {backend!r}")
+        structure = self._structure
+        if structure is not None and structure not in backend.structures:
+            able = [b.__name__ for b in BACKENDS if structure in b.structures]
+            raise ValueError(
+                f"backend {backend.__name__} cannot compute hessian_structure="
+                f"{structure.value!r}; backends that can: {', '.join(able)}"
+            )
+        return backend
+
+    @property
+    def backend(self) -> Any:
+        """The curvature backend instance (created on first use)."""
+        if self._backend is None:
+            self._backend = self._make_backend(
+                self.subset.backend_model(), **self.subset.backend_kwargs()
+            )
+        return self._backend
+
+    def _make_backend(self, model: nn.Module, **kwargs: Any) -> Any:
+        """A backend of this object's class and options on ``model``."""
+        likelihood = (
+            Likelihood.CLASSIFICATION
+            if self.likelihood == Likelihood.REWARD_MODELING
+            else self.likelihood
+        )
+        backend = self._backend_cls(
+            model,
+            likelihood,
+            dict_key_x=self.dict_key_x,
+            dict_key_y=self.dict_key_y,
+            **kwargs,
+            **self._backend_kwargs,
+        )
+        backend.sum_dtype = self._accumulation_dtype  # see laplace.utils.precision
+        return backend
+
+    @contextmanager
+    def _unchanged_on_failure(self) -> Iterator[None]:
+        """Run a fit; if it raises, put this object back as it was (and the model's train/eval
+        modes) before re-raising."""
+        saved = self._fit_state()
+        try:
+            yield
+        except BaseException:
+            self._restore_fit_state(saved)
+            raise
+
+    def _fit_state(self) -> tuple[dict[str, Any], list[bool]]:
+        """What a fit may change: the attribute bindings and the model's modes.
+
+        A fit never changes a stored tensor in place before its last step (for the parametric
+        classes :meth:`~laplace.baselaplace.ParametricLaplace._merge_fit`), after which
+        nothing raises; rebinding the attributes therefore restores every value.
+        """
+        return dict(self.__dict__), [m.training for m in self.model.modules()]
+
+    def _restore_fit_state(self, saved: tuple[dict[str, Any], list[bool]]) -> None:
+        attributes, modes = saved
+        self.__dict__.clear()
+        self.__dict__.update(attributes)
+        for module, mode in zip(self.model.modules(), modes):
+            module.training = mode
+        flush = getattr(self._backend, "flush_sums", None)
+        if callable(flush):  # drop the failed fit's pending sums (into its discarded H)
+            flush()
+
+    # ----------------------------------------------------------------- state
+    def _common_state(self) -> dict[str, Any]:
+        """The fields of every ``state_dict``: identity, mean, loss, data and hyperparameters."""
+        self._check_fitted()
+        return {
+            "cls_name": type(self).__name__,
+            "likelihood": self.likelihood.value,
+            "param_shapes": [list(p.shape) for p in self.params],
+            "mean": self.mean.detach(),
+            "loss": torch.as_tensor(self._loss).detach(),
+            "prior_mean": self.prior_mean.detach(),
+            "prior_precision": self.prior_precision.detach(),
+            "sigma_noise": self.sigma_noise.detach(),
+            "temperature": self.temperature,
+            "n_data": self.n_data,
+            "n_outputs": self.n_outputs,
+            "enable_backprop": self.enable_backprop,
+        }
+
+    def _check_state(self, state_dict: dict[str, Any], expected: dict[str, Any]) -> None:
+        """Refuse a state saved from another class, likelihood or model, or with other
+        ``expected`` fields.
+
+        Raises:
+            ValueError: Naming the first field that is missing or differs.
+        """
+        identity = {
+            "cls_name": type(self).__name__,
+            "likelihood": self.likelihood.value,
+            "param_shapes": [list(p.shape) for p in self.params],
+            **expected,
+        }
+        for key, value in identity.items():
+            if key not in state_dict:
+                raise ValueError(f"state_dict has no {key!r}: it was not saved by state_dict()")
+            if state_dict[key] != value:
+                raise ValueError(
+                    f"state_dict was saved with {key}={state_dict[key]!r}, this object has "
+                    f"{key}={value!r}"
+                )
+
+    def _load_common_state(self, state_dict: dict[str, Any]) -> None:
+        """Set what :meth:`_common_state` saved (after :meth:`_check_state`)."""
+        device = self._device
+        self.mean = state_dict["mean"].to(device=device, dtype=self._dtype)
+        self.loss = state_dict["loss"].to(device=device, dtype=self._accumulation_dtype)
+        self.n_data, self.n_outputs = state_dict["n_data"], state_dict["n_outputs"]
+        self.prior_mean = state_dict["prior_mean"]
+        self.prior_precision = state_dict["prior_precision"]
+        self.sigma_noise = state_dict["sigma_noise"]
+        self.temperature = state_dict["temperature"]
+        self.enable_backprop = state_dict.get("enable_backprop", self.enable_backprop)
+        self._posterior_cache = None
+
+    def _check_fitted(self) -> None:
+        if self.n_data is None:
+            raise ValueError(
+                f"{type(self).__name__} is not fitted yet: call fit(train_loader) first"
+            )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_backend"] = None
+        state.pop("_whole_backend", None)
+        state.pop("_squares_cache", None)
+        state["_posterior_cache"] = None
+        return state

@@ -1,0 +1,208 @@
+"""What every function-space Laplace approximation shares.
+
+The linearised network ``f_lin(x; theta) = f(x; theta*) + J(x) (theta - theta*)`` with the prior
+``theta ~ N(mu0, P0^-1)`` is a Gaussian process over the outputs, with kernel
+
+    ``k(x, x') = J(x) P0^-1 J(x')^T``        (outputs x outputs per pair of inputs)
+
+(Khan, Immer, Abedi & Korzepa, "Approximate inference turns deep networks into Gaussian
+processes", NeurIPS 2019; Immer, Korzepa & Bauer, "Improving predictions of Bayesian neural
+nets via local linearization", AISTATS 2021). Its Laplace (GGN) posterior given the data is
+the GLM predictive of the weight-space Laplace approximation, written with the kernel instead
+of the ``(params, params)`` precision: that pays off when the data (or a subset of it) is
+small compared with the number of parameters. The classes differ in which finite
+approximation of the kernel posterior they compute: a subset of the data
+(:class:`~laplace.functional.sod.FunctionalLaplace`), a Nyström approximation (ELLA) or
+variational inducing points (VaLLA).
+
+:class:`BaseFunctionalLaplace` holds the shared interface on top of
+:class:`~laplace.base.BaseLaplace`: the predictive (``pred_type="gp"`` is the GP posterior,
+``"glm"`` an alias of it), :meth:`predictive_moments`, functional samples with a ``joint``
+option, and the refusal of weight samples. Subclasses implement :meth:`_moments_from`
+(the posterior mean and covariance of the outputs from the test Jacobians) and ``fit``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from laplace.base import BaseLaplace
+from laplace.predictive import glm_samples
+from laplace.utils.data import Inputs, batch_size, check_finite_inputs
+from laplace.utils.enums import HessianStructure, Likelihood, PredType, parse_enum
+
+__all__ = ["BaseFunctionalLaplace"]
+
+
+class BaseFunctionalLaplace(BaseLaplace):
+    """Base class of the function-space (Gaussian-process) Laplace approximations.
+
+    Subclasses implement ``fit`` and :meth:`_moments_from`; see the module docstring.
+    The common constructor arguments are those of :class:`~laplace.base.BaseLaplace`.
+    """
+
+    _structure = HessianStructure.GP
+
+    def _check_backend(self, backend: type | None) -> type:
+        """Any curvature backend class that computes Jacobians (default ``CurvlinopsGGN``);
+        the output Hessians of the likelihood are computed by the library (a GGN).
+
+        Raises:
+            ValueError: For anything but such a backend class.
+        """
+        from laplace.curvature import CurvlinopsGGN
+
+        backend = CurvlinopsGGN if backend is None else backend
+        if not isinstance(backend, type) or not callable(getattr(backend, "jacobians", None)):
+            raise ValueError(
+                f"backend must be a curvature backend class with jacobians(), got {backend!r}"
+            )
+        return backend
+
+    # ----------------------------------------------------------------- shared fitted state
+    @property
+    def mean(self) -> Tensor | None:
+        """The trainable parameters at :meth:`fit` (the linearisation point), ``(params,)``."""
+        return getattr(self, "_mean", None)
+
+    @mean.setter
+    def mean(self, value: Tensor | None) -> None:
+        self._mean = value
+
+    def _jacobians(self, X: Inputs) -> tuple[Tensor, Tensor]:
+        """``(Js, f)`` of the subset's parameters at ``X``; detached unless
+        ``enable_backprop``.
+
+        Shapes:
+            ``Js (batch, outputs, params), f (batch, outputs)``
+        """
+        return self._memo(
+            "jacobians", X, lambda: self.subset.jacobians(self.backend, X, self.enable_backprop)
+        )
+
+    # ----------------------------------------------------------------- predictive
+    def _moments_from(self, Js: Tensor, f_mu: Tensor, joint: bool) -> tuple[Tensor, Tensor]:
+        """Posterior mean and covariance of the outputs at the inputs with Jacobians ``Js``
+        and network outputs ``f_mu``.
+
+        Shapes:
+            ``(batch, outputs), (batch, outputs, outputs)``; with ``joint``
+            ``(batch * outputs,), (batch * outputs, batch * outputs)``
+        """
+        raise NotImplementedError
+
+    def _glm_predictive_distribution(
+        self, X: Inputs, joint: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        if not self.enable_backprop:
+            check_finite_inputs(X)
+        Js, f_mu = self._jacobians(X)
+        return self._moments_from(Js, f_mu, joint)
+
+    def predictive_moments(self, x: Inputs, *, joint: bool = False) -> tuple[Tensor, Tensor]:
+        """The GP posterior mean and covariance of the outputs at ``x`` (no observation noise).
+
+        Shapes:
+            ``(batch, outputs), (batch, outputs, outputs)``; with ``joint``
+            ``(batch * outputs,), (batch * outputs, batch * outputs)``
+
+        Raises:
+            ValueError: If not fitted, or for an empty batch.
+        """
+        self._check_fitted()
+        self._check_nonempty(x)
+        with self._explained_input_errors(x):
+            return self._glm_predictive_distribution(x, joint=joint)
+
+    def functional_variance(self, Js: Tensor) -> Tensor:
+        """Posterior covariance of the outputs per input, from its Jacobians.
+
+        Shapes:
+            ``(batch, outputs, params) -> (batch, outputs, outputs)``
+        """
+        self._check_fitted()
+        return self._moments_from(Js, Js.new_zeros(Js.shape[:2]), joint=False)[1]
+
+    def functional_covariance(self, Js: Tensor) -> Tensor:
+        """Joint posterior covariance of the outputs of a batch, from its Jacobians.
+
+        Shapes:
+            ``(batch, outputs, params) -> (batch * outputs, batch * outputs)``
+        """
+        self._check_fitted()
+        return self._moments_from(Js, Js.new_zeros(Js.shape[:2]), joint=True)[1]
+
+    def _check_predict_args(
+        self, pred_type: PredType, n_samples: int, generator: torch.Generator | None
+    ) -> None:
+        if pred_type == PredType.NN:
+            raise ValueError(
+                f"pred_type='nn' samples weights, which {type(self).__name__} (a Gaussian "
+                "process over the outputs) does not have; use pred_type='gp' (or 'glm')"
+            )
+        super()._check_predict_args(PredType.GLM, n_samples, generator)
+
+    def _check_nonempty(self, x: Inputs) -> None:
+        size = len(x[self.dict_key_x]) if not isinstance(x, Tensor) else len(x)
+        if size == 0:
+            raise ValueError("x is an empty batch: it has no inputs to predict at")
+
+    def functional_samples(
+        self,
+        x: Inputs,
+        pred_type: PredType | str = PredType.GP,
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+        joint: bool = False,
+    ) -> Tensor:
+        """Samples of the outputs from the GP posterior, ``(n_samples, batch, outputs)``.
+
+        With ``joint`` the samples are correlated across the batch (from the joint
+        covariance); otherwise independent per input (correlated across outputs unless
+        ``diagonal_output``).
+        """
+        pred_type = parse_enum(PredType, pred_type, "pred_type")
+        self._check_predict_args(pred_type, n_samples, generator)
+        with self._explained_input_errors(x):
+            if not joint:
+                f_mu, f_var = self._glm_predictive_distribution(x)
+                return glm_samples(f_mu, f_var, n_samples, diagonal_output, generator)
+            f_mu, f_cov = self._glm_predictive_distribution(x, joint=True)
+        batch = batch_size(x, self.dict_key_x)
+        flat = glm_samples(f_mu[None], f_cov[None], n_samples, False, generator)
+        return flat.reshape(n_samples, batch, -1)  # outputs per input (1 for reward models)
+
+    def predictive_samples(
+        self,
+        x: Inputs,
+        pred_type: PredType | str = PredType.GP,
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+        fitting: bool = False,
+        joint: bool = False,
+    ) -> Tensor:
+        """Samples of the predictive (after the link), ``(n_samples, batch, outputs)``."""
+        samples = self.functional_samples(
+            x, pred_type, n_samples, diagonal_output, generator, joint=joint
+        )
+        if self._predictive_likelihood(fitting) == Likelihood.CLASSIFICATION:
+            return torch.softmax(samples, dim=-1)
+        return samples
+
+    def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> Any:
+        """Not available: a function-space posterior has no weight samples.
+
+        Raises:
+            NotImplementedError: Always, as in laplace-torch; use :meth:`functional_samples`
+                (outputs) or a weight-space class such as ``FullLaplace``.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} is a posterior over the network outputs, not the weights; "
+            "sample the outputs with functional_samples(x), or use a weight-space Laplace "
+            "(FullLaplace, KronLaplace, ...) for weight samples"
+        )
