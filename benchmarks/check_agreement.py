@@ -73,6 +73,24 @@ KNOWN = [
         "(-23.41 where the closed form of N(0.2, 1/0.7) over the 21 weights gives -26.97, ours)",
     ),
     (
+        lambda key, name: key.startswith("functional/") and name == "lml",
+        "FunctionalLaplace's marginal likelihood is the weight-space Laplace evidence with the "
+        "loss over all the data (equal to FullLaplace's for n_subset = N); laplace-torch's "
+        "sums the loss over the subset and uses a function-space scatter",
+    ),
+    (
+        lambda key, name: key.startswith("functional/") and "n_subset=12" in key,
+        "the subset stands for all the data: ours reweights its curvature by N / M, "
+        "laplace-torch scales the kernel's prior variance by M / N",
+    ),
+    (
+        lambda key, name: key.startswith("functional/") and key.endswith("independent=False"),
+        "laplace-torch 0.3's coupled-output FunctionalLaplace is not the GGN posterior: "
+        "diagonal output Hessians for classification, and for two-output regression a "
+        "variance 3.4e-2 off the brute-force weight-space GGN predictive, which ours equals "
+        "(tests/test_functional_sod.py)",
+    ),
+    (
         lambda key, name: key.endswith("ef/last_layer/diag"),
         "laplace-torch 0.3's CurvlinopsEF returns a zero last-layer diagonal",
     ),
@@ -230,6 +248,53 @@ def _battery(only: str = "") -> dict[str, Any]:
     results.update(_reward_battery(tolist, only))
     results.update(_marglik_battery(tolist, only))
     results.update(_prior_battery(model_for, tolist, only))
+    results.update(_functional_battery(model_for, tolist, only))
+    return results
+
+
+def _functional_battery(model_for: Any, tolist: Any, only: str = "") -> dict[str, Any]:
+    """``FunctionalLaplace`` (subset of data) on all the data and on a subset, regression and
+    classification (with independent outputs, where both libraries use diagonal output
+    Hessians, and without)."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from laplace import FunctionalLaplace
+
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(30, 3, generator=g)
+    X_test = torch.randn(5, 3, generator=g)
+    data = {
+        "regression": (torch.randn(30, 2, generator=g), 2),
+        "classification": (torch.randint(0, 3, (30,), generator=g), 3),
+    }
+    results = {}
+    for likelihood, (y, n_out) in data.items():
+        for n_subset in (30, 12):
+            for independent in (False, True):
+                key = f"functional/{likelihood}/n_subset={n_subset}/independent={independent}"
+                if only not in key:
+                    continue
+                out: dict[str, Any] = {}
+                try:
+                    kwargs = {"sigma_noise": 0.6} if likelihood == "regression" else {}
+                    la = FunctionalLaplace(
+                        model_for(n_out),
+                        likelihood,
+                        n_subset=n_subset,
+                        prior_precision=0.8,
+                        independent_outputs=independent,
+                        **kwargs,
+                    )
+                    la.fit(DataLoader(TensorDataset(X, y), batch_size=10))
+                    f_mu, f_var = la._glm_predictive_distribution(X_test)
+                    out["f_mu"], out["f_var"] = tolist(f_mu), tolist(f_var)
+                    out["lml"] = tolist(la.log_marginal_likelihood())
+                    if likelihood == "classification":
+                        out["predict_probit"] = tolist(la(X_test, link_approx="probit"))
+                except Exception as error:  # reported, not raised
+                    out["error"] = f"{type(error).__name__}: {error}"
+                results[key] = out
     return results
 
 

@@ -12,6 +12,7 @@ Example:
 """
 
 from laplace.baselaplace import (
+    ELLA,
     BaseFunctionalLaplace,
     BaseLaplace,
     DiagLaplace,
@@ -20,6 +21,7 @@ from laplace.baselaplace import (
     KronLaplace,
     LowRankLaplace,
     ParametricLaplace,
+    VaLLA,
 )
 from laplace.laplace import Laplace
 from laplace.lllaplace import (
@@ -43,6 +45,7 @@ from laplace.utils.enums import (
 )
 
 __all__ = [
+    "ELLA",
     "BaseFunctionalLaplace",
     "BaseLaplace",
     "FunctionalLaplace",
@@ -69,4 +72,5 @@ __all__ = [
     "PriorStructure",
     "SubsetOfWeights",
     "TuningMethod",
+    "VaLLA",
 ]

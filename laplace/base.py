@@ -20,6 +20,14 @@ from laplace.hyperparameters import HyperparameterMixin
 from laplace.predictive import PredictiveMixin
 from laplace.subsets import AllWeights
 from laplace.tuning import PriorTuningMixin
+from laplace.utils.data import (
+    Inputs,
+    check_finite_inputs,
+    check_finite_targets,
+    check_input_dtype,
+    per_sample_shape,
+    unpack_batch,
+)
 from laplace.utils.enums import HessianStructure, Likelihood, parse_enum
 from laplace.utils.precision import accumulation_dtype
 
@@ -186,14 +194,28 @@ class BaseLaplace(HyperparameterMixin, PriorTuningMixin, PredictiveMixin):
 
     @contextmanager
     def _unchanged_on_failure(self) -> Iterator[None]:
-        """Run a fit; if it raises, put this object back as it was (and the model's train/eval
-        modes) before re-raising."""
+        """Run a fit with the model in eval mode; if it raises, put this object back as it was
+        before re-raising. Either way every module of the model gets back the train/eval
+        mode it had: fitting never changes the mode it was given."""
         saved = self._fit_state()
         try:
-            yield
+            with self._evaluating():
+                yield
         except BaseException:
             self._restore_fit_state(saved)
             raise
+
+    @contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        """Run with the model in eval mode (no dropout, fixed batch-norm statistics: the
+        network the approximation linearises), then give every module its mode back."""
+        modes = [m.training for m in self.model.modules()]
+        self.model.eval()
+        try:
+            yield
+        finally:
+            for module, mode in zip(self.model.modules(), modes):
+                module.training = mode
 
     def _fit_state(self) -> tuple[dict[str, Any], list[bool]]:
         """What a fit may change: the attribute bindings and the model's modes.
@@ -214,23 +236,52 @@ class BaseLaplace(HyperparameterMixin, PriorTuningMixin, PredictiveMixin):
         if callable(flush):  # drop the failed fit's pending sums (into its discarded H)
             flush()
 
+    def _checked_batch(self, batch: Any, first: bool) -> tuple[Inputs, Tensor]:
+        """``(X, y)`` of a batch on the model's device, with finite inputs of the model's
+        dtype and finite targets; ``first`` records the per-sample shape of ``X``.
+
+        Raises:
+            ValueError: For a batch of neither form, and for bad inputs or targets.
+        """
+        X, y = unpack_batch(batch, self.dict_key_x, self.dict_key_y, self._device)
+        check_finite_inputs(X)
+        check_input_dtype(X, self._dtype, self.dict_key_x)
+        check_finite_targets(y)
+        if first:
+            self._input_shape = per_sample_shape(X)
+        return X, y
+
     # ----------------------------------------------------------------- state
     def _common_state(self) -> dict[str, Any]:
         """The fields of every ``state_dict``: identity, mean, loss, data and hyperparameters."""
         self._check_fitted()
         return {
+            **self._state_identity(),
+            "mean": self.mean.detach(),
+            "loss": torch.as_tensor(self._loss).detach(),
+            **self._hyperparameter_state(),
+            "enable_backprop": self.enable_backprop,
+        }
+
+    def _state_identity(self, expected: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The fields that say what a ``state_dict`` belongs to: the class, the likelihood,
+        the parameter shapes, and the class's ``expected`` configuration."""
+        return {
             "cls_name": type(self).__name__,
             "likelihood": self.likelihood.value,
             "param_shapes": [list(p.shape) for p in self.params],
-            "mean": self.mean.detach(),
-            "loss": torch.as_tensor(self._loss).detach(),
+            **(expected or {}),
+        }
+
+    def _hyperparameter_state(self) -> dict[str, Any]:
+        """The hyperparameters and data counts of a ``state_dict``."""
+        return {
             "prior_mean": self.prior_mean.detach(),
             "prior_precision": self.prior_precision.detach(),
             "sigma_noise": self.sigma_noise.detach(),
             "temperature": self.temperature,
             "n_data": self.n_data,
             "n_outputs": self.n_outputs,
-            "enable_backprop": self.enable_backprop,
         }
 
     def _check_state(self, state_dict: dict[str, Any], expected: dict[str, Any]) -> None:
@@ -240,13 +291,7 @@ class BaseLaplace(HyperparameterMixin, PriorTuningMixin, PredictiveMixin):
         Raises:
             ValueError: Naming the first field that is missing or differs.
         """
-        identity = {
-            "cls_name": type(self).__name__,
-            "likelihood": self.likelihood.value,
-            "param_shapes": [list(p.shape) for p in self.params],
-            **expected,
-        }
-        for key, value in identity.items():
+        for key, value in self._state_identity(expected).items():
             if key not in state_dict:
                 raise ValueError(f"state_dict has no {key!r}: it was not saved by state_dict()")
             if state_dict[key] != value:
@@ -260,13 +305,17 @@ class BaseLaplace(HyperparameterMixin, PriorTuningMixin, PredictiveMixin):
         device = self._device
         self.mean = state_dict["mean"].to(device=device, dtype=self._dtype)
         self.loss = state_dict["loss"].to(device=device, dtype=self._accumulation_dtype)
+        self._load_hyperparameters(state_dict)
+        self.enable_backprop = state_dict.get("enable_backprop", self.enable_backprop)
+        self._posterior_cache = None
+
+    def _load_hyperparameters(self, state_dict: dict[str, Any]) -> None:
+        """Set what :meth:`_hyperparameter_state` saved."""
         self.n_data, self.n_outputs = state_dict["n_data"], state_dict["n_outputs"]
         self.prior_mean = state_dict["prior_mean"]
         self.prior_precision = state_dict["prior_precision"]
         self.sigma_noise = state_dict["sigma_noise"]
         self.temperature = state_dict["temperature"]
-        self.enable_backprop = state_dict.get("enable_backprop", self.enable_backprop)
-        self._posterior_cache = None
 
     def _check_fitted(self) -> None:
         if self.n_data is None:

@@ -36,11 +36,7 @@ from laplace.subsets import AllWeights
 from laplace.utils.data import (
     Inputs,
     check_finite_inputs,
-    check_finite_targets,
-    check_input_dtype,
     dataset_size,
-    per_sample_shape,
-    unpack_batch,
 )
 from laplace.utils.enums import HessianStructure, Likelihood
 from laplace.utils.linear_jacobians import linear_jacobian_factors
@@ -48,6 +44,7 @@ from laplace.utils.matrix import Kron, KronDecomposed
 from laplace.utils.precision import accumulation_dtype
 
 __all__ = [
+    "ELLA",
     "BaseFunctionalLaplace",
     "BaseLaplace",
     "DiagLaplace",
@@ -56,6 +53,7 @@ __all__ = [
     "KronLaplace",
     "LowRankLaplace",
     "ParametricLaplace",
+    "VaLLA",
 ]
 
 
@@ -168,8 +166,9 @@ class ParametricLaplace(EvidenceMixin, BaseLaplace):
     def fit(self, train_loader: Any, override: bool = True, progress_bar: bool = False) -> None:
         """Fit the curvature at the current parameters of the model.
 
-        A fit that raises leaves this object as it was before the call (curvature, ``n_data``,
-        loss, mean, hyperparameters), and the model's train/eval modes too.
+        The model is evaluated in eval mode and gets its train/eval modes back afterwards. A
+        fit that raises leaves this object as it was before the call (curvature, ``n_data``,
+        loss, mean, hyperparameters).
 
         Args:
             train_loader: Yields ``(X, y)`` or dict-like batches; ``len(train_loader.dataset)``
@@ -191,18 +190,12 @@ class ParametricLaplace(EvidenceMixin, BaseLaplace):
         n_data = dataset_size(train_loader)
         if override or self._curvature is None:
             self._curvature, self._loss, self.n_data = self._new_curvature(), 0.0, None
-        self.model.eval()
         self.mean = self.subset.mean()
         if not torch.isfinite(self.mean).all():
             raise ValueError("the model's parameters contain NaN or Inf; cannot fit at them")
         H_new, loss, n_batches = self._new_curvature(), 0.0, 0
         for batch in tqdm(train_loader, desc="fit", disable=not progress_bar):
-            X, y = unpack_batch(batch, self.dict_key_x, self.dict_key_y, self._device)
-            check_finite_inputs(X)
-            check_input_dtype(X, self._dtype, self.dict_key_x)
-            check_finite_targets(y)
-            if n_batches == 0:
-                self._input_shape = per_sample_shape(X)
+            X, y = self._checked_batch(batch, first=n_batches == 0)
             if self.n_outputs is None or n_batches == 0:
                 self._set_n_outputs(X)
             batch_loss = self._add_batch(H_new, X, y, n_data).detach()
@@ -380,6 +373,11 @@ class ParametricLaplace(EvidenceMixin, BaseLaplace):
 # The per-structure classes and LowRankLaplace live in their own modules (they subclass
 # ParametricLaplace, so they are imported last) and are re-exported for the public import paths
 # ``laplace.baselaplace.FullLaplace`` and so on.
-from laplace.functional import BaseFunctionalLaplace, FunctionalLaplace  # noqa: E402
+from laplace.functional import (  # noqa: E402
+    ELLA,
+    BaseFunctionalLaplace,
+    FunctionalLaplace,
+    VaLLA,
+)
 from laplace.lowrank import LowRankLaplace  # noqa: E402
 from laplace.structures import DiagLaplace, FullLaplace, KronLaplace  # noqa: E402

@@ -13,7 +13,7 @@ from laplace.baselaplace import (
     KronLaplace,
     LowRankLaplace,
 )
-from laplace.functional import FunctionalLaplace, FunctionalLLLaplace
+from laplace.functional import ELLA, FunctionalLaplace, FunctionalLLLaplace, VaLLA
 from laplace.lllaplace import DiagLLLaplace, FullLLLaplace, KronLLLaplace
 from laplace.subnetlaplace import DiagSubnetLaplace, FullSubnetLaplace
 from laplace.utils.enums import (
@@ -40,7 +40,10 @@ _GRID: dict[tuple[SubsetOfWeights, HessianStructure], type[BaseLaplace]] = {
     (SubsetOfWeights.LAST_LAYER, HessianStructure.GP): FunctionalLLLaplace,
 }
 
-_FUNCTIONAL: dict[FunctionalApproximation, type[BaseLaplace]] = {}
+_FUNCTIONAL: dict[FunctionalApproximation, type[BaseLaplace]] = {
+    FunctionalApproximation.NYSTROM: ELLA,
+    FunctionalApproximation.VARIATIONAL: VaLLA,
+}
 """The all-weights function-space classes other than subset of data, by approximation."""
 
 

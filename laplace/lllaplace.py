@@ -314,7 +314,7 @@ class LLLaplace(LastLayerMixin, ParametricLaplace):
         return f_mu, self.posterior.inv_quad_linear(phi, bias)
 
     def _glm_predictive_diagonal(self, X: Inputs) -> tuple[Tensor, Tensor]:
-        return self.functional_variance_fast(X)
+        return self._variance_diagonal(X)
 
     def functional_variance_fast(self, X: Inputs) -> tuple[Tensor, Tensor]:
         """Output means and variances (the diagonal of ``J P^-1 J^T``) without correlations.
@@ -331,6 +331,10 @@ class LLLaplace(LastLayerMixin, ParametricLaplace):
             ValueError: If the approximation is not fitted.
         """
         self._check_fitted()
+        with self._evaluating():
+            return self._variance_diagonal(X)
+
+    def _variance_diagonal(self, X: Inputs) -> tuple[Tensor, Tensor]:
         bias = self.subset.linear_bias()
         if bias is None:
             return super()._glm_predictive_diagonal(X)

@@ -42,10 +42,11 @@ class LowRankLaplace(ParametricLaplace):
     ``P^-1 = diag(p0)^-1 - V Kinv V^T`` with ``V = diag(p0)^-1 U`` and
     ``Kinv = (diag(l / (sigma^2 T))^-1 + U^T diag(p0)^-1 U)^-1`` (``k x k``).
 
+    ``model``, ``likelihood``, ``sigma_noise``, ``prior_precision``, ``prior_mean``,
+    ``temperature``, ``enable_backprop``, ``dict_key_x``, ``dict_key_y`` are as for
+    :class:`~laplace.baselaplace.BaseLaplace`.
+
     Args:
-        model, likelihood, sigma_noise, prior_precision, prior_mean, temperature,
-            enable_backprop, dict_key_x, dict_key_y: As for
-            :class:`~laplace.baselaplace.BaseLaplace`.
         backend: A ``curvlinops`` backend class (default ``CurvlinopsGGN``).
         backend_kwargs: Keyword arguments for the backend; may also hold the four options
             below (not both there and as keywords).

@@ -196,12 +196,14 @@ class PredictiveMixin:
 
     @contextmanager
     def _explained_input_errors(self, x: Inputs) -> Iterator[None]:
-        """Check the dtype of ``x``; turn PyTorch's shape errors for inputs whose per-sample
+        """Predict with the model in eval mode (its modes are given back afterwards), after
+        checking the dtype of ``x``; turn PyTorch's shape errors for inputs whose per-sample
         shape differs from the training inputs' into an :class:`InputMismatchError` that
         names both shapes (other errors pass unchanged)."""
         check_input_dtype(x, self._dtype, self.dict_key_x)
         try:
-            yield
+            with self._evaluating():
+                yield
         except RuntimeError as error:
             seen, given = self._input_shape, per_sample_shape(x)
             if isinstance(error, InputMismatchError) or seen is None or given in (None, seen):

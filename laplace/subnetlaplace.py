@@ -50,15 +50,16 @@ class SubnetLaplace(ParametricLaplace):
     Quantities of parameter vectors cover all trainable parameters: :attr:`mean`, the rows of
     :meth:`sample` and the ``value`` of :meth:`log_prob` and :meth:`square_norm`.
 
+    ``sigma_noise``, ``prior_precision``, ``prior_mean``, ``temperature``, ``backend``,
+    ``backend_kwargs``, ``asdl_fisher_kwargs``, ``enable_backprop``, ``dict_key_x``,
+    ``dict_key_y`` are as for :class:`~laplace.baselaplace.BaseLaplace`.
+
     Args:
         model: The trained network.
         likelihood: ``"classification"``, ``"regression"`` or ``"reward_modeling"``.
         subnetwork_indices: Distinct indices into the flat vector of the model's trainable
             parameters (``named_parameters`` order), e.g. from a
             :class:`~laplace.utils.subnetmask.SubnetMask`.
-        sigma_noise, prior_precision, prior_mean, temperature, backend, backend_kwargs,
-        asdl_fisher_kwargs, enable_backprop, dict_key_x, dict_key_y: As for
-            :class:`~laplace.baselaplace.BaseLaplace`.
 
     Raises:
         ValueError: As for :class:`~laplace.baselaplace.BaseLaplace`; for invalid

@@ -373,3 +373,33 @@ def test_every_link_approximation_works(link):
     probs = la(x[:4], link_approx=link, n_samples=200, generator=torch.Generator().manual_seed(0))
     assert probs.shape == (4, 3)
     torch.testing.assert_close(probs.sum(-1), torch.ones(4))
+
+
+def test_dict_batches_with_a_collate_function():
+    """Hugging Face style: a dataset of dicts and a collate_fn building UserDict batches; the
+    subset is read through the same collate_fn and gives the tensor-batch numbers."""
+    from collections import UserDict
+
+    class DictModel(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, batch):
+            return self.net(batch["input_ids"])
+
+    net = make_mlp()
+    x, y = make_data("classification", n=N)
+    items = [{"input_ids": xi, "labels": yi} for xi, yi in zip(x, y)]
+
+    def collate(rows):
+        return UserDict({k: torch.stack([r[k] for r in rows]) for k in rows[0]})
+
+    loader = DataLoader(items, batch_size=4, collate_fn=collate)
+    la = FunctionalLaplace(DictModel(net), "classification", n_subset=6, seed=4)
+    la.fit(loader)
+    plain = FunctionalLaplace(net, "classification", n_subset=6, seed=4)
+    plain.fit(_loader(x, y))
+    x_test = torch.randn(3, 3)
+    torch.testing.assert_close(la(collate([{"input_ids": xi} for xi in x_test])), plain(x_test))
+    torch.testing.assert_close(la.log_marginal_likelihood(), plain.log_marginal_likelihood())

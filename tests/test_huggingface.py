@@ -330,10 +330,11 @@ def test_vmap_fails_once_then_falls_back(monkeypatch):
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("structure", ["diag", "kron"])
 def test_fit_keeps_frozen_weights_and_mode(structure, training):
-    """Fitting and predicting change no weight, bit for bit; a model in eval mode stays in
-    eval mode, and one in train mode is fitted and left in eval mode, as laplace-torch does
-    (the curvature of a deterministic network)."""
+    """Fitting and predicting change no weight, bit for bit, and leave every module in the
+    train/eval mode it was given (both run the network in eval mode: the curvature and the
+    predictive of a deterministic network; dropout would make them random)."""
     model = make_model("gpt2", "sdpa", "lora").train(training)
+    modes = [m.training for m in model.modules()]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     loader = make_loader()
     la = Laplace(model, "classification", subset_of_weights="all", hessian_structure=structure)
@@ -342,7 +343,7 @@ def test_fit_keeps_frozen_weights_and_mode(structure, training):
     la(next(iter(loader)), pred_type="nn", n_samples=3)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == modes
 
 
 @pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning")

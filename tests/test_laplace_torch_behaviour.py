@@ -370,3 +370,43 @@ def test_a_failed_fit_of_a_float32_model_leaves_it_as_it_was(name):
     with pytest.raises(ValueError, match="NaN or Inf"):
         la.fit(_NaNOnThirdBatch(x.float(), y), override=False)
     _assert_same(before, _snapshot(la))
+
+
+# ----------------------------------------------------------------------------- train/eval mode
+class _Dropout(nn.Module):
+    """An MLP with dropout: in train mode its outputs (and any curvature) are random."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("name", ["full", "kron", "diag", "ll-kron", "subnet-diag", "gp"])
+def test_fit_and_predict_run_in_eval_mode_and_give_the_mode_back(name):
+    torch.manual_seed(0)
+    model = _Dropout().double().train()
+    model.net[0].eval()  # a mixed state, restored module by module
+    modes = [m.training for m in model.modules()]
+    x, y = make_data("classification", n=12)
+    if name == "gp":
+        la = Laplace(model, "classification", "all", "gp", n_subset=6)
+    else:
+        kw = {"last_layer_name": "net.3"} if name.startswith("ll") else {}
+        la = _build(name, likelihood="classification", model=model, **kw)
+    la.fit(_loader(x, y))
+    assert [m.training for m in model.modules()] == modes
+    first, second = la(x[:4]), la(x[:4])
+    torch.testing.assert_close(first, second)  # no dropout: deterministic
+    assert [m.training for m in model.modules()] == modes
+    # the same numbers as fitting and predicting the network in eval mode
+    reference = _Dropout().double().eval()
+    reference.load_state_dict(model.state_dict())
+    if name == "gp":
+        other = Laplace(reference, "classification", "all", "gp", n_subset=6)
+    else:
+        other = _build(name, likelihood="classification", model=reference, **kw)
+    other.fit(_loader(x, y))
+    torch.testing.assert_close(first, other(x[:4]))

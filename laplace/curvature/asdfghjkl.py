@@ -66,8 +66,7 @@ def _require_modules(name: str) -> None:
 class AsdfghjklInterface(AsdlInterface):
     """Legacy-named counterpart of :class:`~laplace.curvature.asdl.AsdlInterface`.
 
-    Args:
-        *args, **kwargs: As for the corresponding ``Asdl`` class.
+    ``*args``, ``**kwargs`` are as for the corresponding ``Asdl`` class.
 
     Raises:
         ImportError: If the legacy ``asdfghjkl`` or the ``asdl`` module is not importable.

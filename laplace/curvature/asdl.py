@@ -107,9 +107,8 @@ class AsdlInterface(CurvatureInterface):
     of ``factor`` in ASDL's curvature: ``1`` for its exact or sampled Fisher, ``0`` for its
     empirical Fisher).
 
-    Args:
-        model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y, **kwargs:
-            As for :class:`~laplace.curvature.CurvatureInterface`.
+    ``model``, ``likelihood``, ``last_layer``, ``subnetwork_indices``, ``dict_key_x``,
+    ``dict_key_y``, ``**kwargs`` are as for :class:`~laplace.curvature.CurvatureInterface`.
     """
 
     supports_dict_inputs: ClassVar[bool] = True
@@ -436,10 +435,9 @@ class AsdlGGN(AsdlInterface, GGNInterface):
     its Monte-Carlo Fisher is ``num_samples`` times too small; it is multiplied back. ASDL's
     sampler is seeded on every call from ``generator`` (or with the ``seed`` option).
 
-    Args:
-        model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y,
-        stochastic, num_samples, generator, **kwargs: As for
-            :class:`~laplace.curvature.GGNInterface`.
+    ``model``, ``likelihood``, ``last_layer``, ``subnetwork_indices``, ``dict_key_x``,
+    ``dict_key_y``, ``stochastic``, ``num_samples``, ``generator``, ``**kwargs`` are as for
+    :class:`~laplace.curvature.GGNInterface`.
     """
 
     structures: ClassVar[frozenset[HessianStructure]] = frozenset(
@@ -466,9 +464,8 @@ class AsdlGGN(AsdlInterface, GGNInterface):
 class AsdlEF(AsdlInterface, EFInterface):
     """Empirical Fisher ``sum_n g_n g_n^T`` by ASDL (``FISHER_EMP``).
 
-    Args:
-        model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y, **kwargs:
-            As for :class:`~laplace.curvature.CurvatureInterface`.
+    ``model``, ``likelihood``, ``last_layer``, ``subnetwork_indices``, ``dict_key_x``,
+    ``dict_key_y``, ``**kwargs`` are as for :class:`~laplace.curvature.CurvatureInterface`.
     """
 
     structures: ClassVar[frozenset[HessianStructure]] = frozenset(
@@ -486,9 +483,8 @@ class AsdlHessian(AsdlInterface):
     forms each layer's Hessian block and needs every parameter to be the ``weight`` or
     ``bias`` of one module. The ASDL Fisher options are checked and ignored.
 
-    Args:
-        model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y, **kwargs:
-            As for :class:`~laplace.curvature.CurvatureInterface`.
+    ``model``, ``likelihood``, ``last_layer``, ``subnetwork_indices``, ``dict_key_x``,
+    ``dict_key_y``, ``**kwargs`` are as for :class:`~laplace.curvature.CurvatureInterface`.
     """
 
     structures: ClassVar[frozenset[HessianStructure]] = frozenset(

@@ -90,12 +90,11 @@ class BackPackInterface(CurvatureInterface):
     :meth:`last_layer_jacobians` without ``last_layer=True`` is the inherited ``torch.func``
     version on ``model.last_layer``. Dict-like inputs are not supported.
 
-    Args:
-        model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y, **kwargs:
-            As for :class:`~laplace.curvature.CurvatureInterface`; the model (or
-            ``model.last_layer``, or the model a
-            :class:`~laplace.utils.FeatureExtractor` wraps) must be an ``nn.Sequential``
-            of supported layers.
+    ``model``, ``likelihood``, ``last_layer``, ``subnetwork_indices``, ``dict_key_x``,
+    ``dict_key_y``, ``**kwargs`` are as for :class:`~laplace.curvature.CurvatureInterface`;
+    the model (or ``model.last_layer``, or the model a
+    :class:`~laplace.utils.FeatureExtractor` wraps) must be an ``nn.Sequential`` of supported
+    layers.
 
     Raises:
         ValueError: For the reasons of :class:`~laplace.curvature.CurvatureInterface`, or a
@@ -261,10 +260,9 @@ class BackPackGGN(BackPackInterface, GGNInterface):
     generator, which is then seeded from ``generator`` (or the one given at construction)
     and restored afterwards.
 
-    Args:
-        model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y,
-        stochastic, num_samples, generator, **kwargs: As for
-            :class:`~laplace.curvature.GGNInterface`.
+    ``model``, ``likelihood``, ``last_layer``, ``subnetwork_indices``, ``dict_key_x``,
+    ``dict_key_y``, ``stochastic``, ``num_samples``, ``generator``, ``**kwargs`` are as for
+    :class:`~laplace.curvature.GGNInterface`.
 
     Raises:
         ValueError: As :class:`BackPackInterface`, or for a bad ``num_samples``.
@@ -429,9 +427,8 @@ class BackPackEF(BackPackInterface, EFInterface):
     BackPACK has no empirical-Fisher K-FAC, so ``kron`` is not among the ``structures``
     (calling it raises ``NotImplementedError``).
 
-    Args:
-        model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y, **kwargs:
-            As for :class:`BackPackInterface`.
+    ``model``, ``likelihood``, ``last_layer``, ``subnetwork_indices``, ``dict_key_x``,
+    ``dict_key_y``, ``**kwargs`` are as for :class:`BackPackInterface`.
     """
 
     structures: ClassVar[frozenset[HessianStructure]] = frozenset(

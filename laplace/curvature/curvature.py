@@ -134,9 +134,10 @@ class GGNInterface(_GramInterface):
     and the options ``mc_samples`` (sampled targets per input for the call) and ``seed``
     (a fixed seed of the call's sampler) of :mod:`laplace.curvature._options`.
 
+    ``model``, ``likelihood``, ``last_layer``, ``subnetwork_indices``, ``dict_key_x``,
+    ``dict_key_y``, ``**kwargs`` are as for :class:`CurvatureInterface`.
+
     Args:
-        model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y, **kwargs:
-            As for :class:`CurvatureInterface`.
         stochastic: Use the Monte-Carlo estimate of ``Lambda_n``.
         num_samples: Number of sampled targets per input when ``stochastic``.
         generator: Random generator used when a method is given none.
@@ -348,9 +349,8 @@ class EFInterface(_GramInterface):
 
     :meth:`full` and :meth:`diag` take no keyword options.
 
-    Args:
-        model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y, **kwargs:
-            As for :class:`CurvatureInterface`.
+    ``model``, ``likelihood``, ``last_layer``, ``subnetwork_indices``, ``dict_key_x``,
+    ``dict_key_y``, ``**kwargs`` are as for :class:`CurvatureInterface`.
     """
 
     def _factor(

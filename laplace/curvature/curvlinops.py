@@ -187,9 +187,8 @@ class CurvlinopsInterface(CurvatureInterface):
     curvatures linear in the loss, ``2`` for the empirical Fisher). Jacobians and gradients
     are the ``torch.func`` versions of :class:`~laplace.curvature.CurvatureInterface`.
 
-    Args:
-        model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y, **kwargs:
-            As for :class:`~laplace.curvature.CurvatureInterface`.
+    ``model``, ``likelihood``, ``last_layer``, ``subnetwork_indices``, ``dict_key_x``,
+    ``dict_key_y``, ``**kwargs`` are as for :class:`~laplace.curvature.CurvatureInterface`.
     """
 
     _native_gram: ClassVar[bool] = False
@@ -494,10 +493,9 @@ class CurvlinopsGGN(CurvlinopsInterface, GGNInterface):
     ``type-2`` (``mc``), and ``diag`` the exact ``torch.func`` diagonal of
     :class:`~laplace.curvature.GGNInterface` (sampled when ``stochastic``).
 
-    Args:
-        model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y,
-        stochastic, num_samples, generator, **kwargs: As for
-            :class:`~laplace.curvature.GGNInterface`.
+    ``model``, ``likelihood``, ``last_layer``, ``subnetwork_indices``, ``dict_key_x``,
+    ``dict_key_y``, ``stochastic``, ``num_samples``, ``generator``, ``**kwargs`` are as for
+    :class:`~laplace.curvature.GGNInterface`.
     """
 
     _native_gram: ClassVar[bool] = True
@@ -555,9 +553,8 @@ class CurvlinopsEF(CurvlinopsInterface, EFInterface):
     ``full`` uses ``EFLinearOperator``, ``kron`` K-FAC of Fisher type ``empirical``, and
     ``diag`` the exact ``torch.func`` diagonal of :class:`~laplace.curvature.EFInterface`.
 
-    Args:
-        model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y, **kwargs:
-            As for :class:`~laplace.curvature.CurvatureInterface`.
+    ``model``, ``likelihood``, ``last_layer``, ``subnetwork_indices``, ``dict_key_x``,
+    ``dict_key_y``, ``**kwargs`` are as for :class:`~laplace.curvature.CurvatureInterface`.
     """
 
     _native_gram: ClassVar[bool] = True
@@ -586,9 +583,8 @@ class CurvlinopsHessian(CurvlinopsInterface):
     ``diag`` keeps only one block of ``_CHUNK_ENTRIES`` entries in memory. There is no
     Kronecker-factored Hessian.
 
-    Args:
-        model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y, **kwargs:
-            As for :class:`~laplace.curvature.CurvatureInterface`.
+    ``model``, ``likelihood``, ``last_layer``, ``subnetwork_indices``, ``dict_key_x``,
+    ``dict_key_y``, ``**kwargs`` are as for :class:`~laplace.curvature.CurvatureInterface`.
     """
 
     psd_curvature: ClassVar[bool] = False

@@ -20,21 +20,45 @@ variational inducing points (VaLLA).
 ``"glm"`` an alias of it), :meth:`predictive_moments`, functional samples with a ``joint``
 option, and the refusal of weight samples. Subclasses implement :meth:`_moments_from`
 (the posterior mean and covariance of the outputs from the test Jacobians) and ``fit``.
+It also checks training batches and model outputs for them, and refuses what a
+function-space posterior does not have (weight samples and densities; the marginal
+likelihood unless a subclass adds one). The module's functions are the argument checks and
+the data-set reads the classes share; :class:`PreciseMode` is the ``precise()`` switch of
+their posteriors.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from numbers import Integral
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 
 from laplace.base import BaseLaplace
 from laplace.predictive import glm_samples
-from laplace.utils.data import Inputs, batch_size, check_finite_inputs
+from laplace.utils.data import (
+    Inputs,
+    batch_size,
+    check_finite_inputs,
+    dataset_size,
+)
 from laplace.utils.enums import HessianStructure, Likelihood, PredType, parse_enum
 
-__all__ = ["BaseFunctionalLaplace"]
+__all__ = [
+    "BaseFunctionalLaplace",
+    "PreciseMode",
+    "check_seed",
+    "checked_data_size",
+    "copy_history",
+    "is_count",
+    "positive_int",
+    "subset_loader",
+]
 
 
 class BaseFunctionalLaplace(BaseLaplace):
@@ -45,6 +69,10 @@ class BaseFunctionalLaplace(BaseLaplace):
     """
 
     _structure = HessianStructure.GP
+    _no_marginal_likelihood: ClassVar[str] = "this approximation has no marginal likelihood"
+    """Why :meth:`log_marginal_likelihood` raises, and what to use instead."""
+    _no_log_likelihood: ClassVar[str] = "this approximation has no training log likelihood"
+    """Why :attr:`log_likelihood` raises, and what to use instead."""
 
     def _check_backend(self, backend: type | None) -> type:
         """Any curvature backend class that computes Jacobians (default ``CurvlinopsGGN``);
@@ -82,6 +110,41 @@ class BaseFunctionalLaplace(BaseLaplace):
         return self._memo(
             "jacobians", X, lambda: self.subset.jacobians(self.backend, X, self.enable_backprop)
         )
+
+    # ----------------------------------------------------------------- data
+    def _check_override(self, override: bool, reason: str) -> None:
+        """Refuse ``fit(override=False)``, for a posterior that cannot be updated.
+
+        Raises:
+            ValueError: Unless ``override``, saying ``reason``.
+        """
+        if not override:
+            raise ValueError(
+                f"{type(self).__name__} does not support fit(override=False): {reason}; fit "
+                "again on all the data"
+            )
+
+    def _batches(
+        self, loader: Iterable, desc: str = "", progress: bool = False
+    ) -> Iterator[tuple[Inputs, Tensor]]:
+        """:meth:`_checked_batch` of each batch of ``loader`` (the per-sample shape is
+        recorded if none is yet), with an optional progress bar."""
+        for batch in tqdm(loader, desc=desc, disable=not progress):
+            yield self._checked_batch(batch, first=self._input_shape is None)
+
+    def _check_output(self, f: Tensor) -> None:
+        """Refuse model outputs that are not ``(batch, outputs)``; the first sets
+        ``n_outputs``.
+
+        Raises:
+            ValueError: For outputs of another number of dimensions.
+        """
+        if f.ndim != 2:
+            raise ValueError(
+                f"model output must have shape (batch, outputs), got {tuple(f.shape)}"
+            )
+        if self.n_outputs is None:
+            self.n_outputs = f.shape[1]
 
     # ----------------------------------------------------------------- predictive
     def _moments_from(self, Js: Tensor, f_mu: Tensor, joint: bool) -> tuple[Tensor, Tensor]:
@@ -194,6 +257,37 @@ class BaseFunctionalLaplace(BaseLaplace):
             return torch.softmax(samples, dim=-1)
         return samples
 
+    # ----------------------------------------------------------------- not applicable
+    def square_norm(self, value: Tensor) -> Tensor:
+        """Not available: a function-space posterior has no weight-space precision.
+
+        Raises:
+            NotImplementedError: Always (as :meth:`log_prob`).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no weight-space posterior precision; square_norm and "
+            "log_prob need a weight-space Laplace (FullLaplace, KronLaplace, ...)"
+        )
+
+    log_prob = square_norm
+
+    def log_marginal_likelihood(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Not available, as in laplace-torch (``FunctionalLaplace`` has one).
+
+        Raises:
+            NotImplementedError: Always, saying why and what to use instead.
+        """
+        raise NotImplementedError(self._no_marginal_likelihood)
+
+    @property
+    def log_likelihood(self) -> Tensor:
+        """Not available, as in laplace-torch (``FunctionalLaplace`` has one).
+
+        Raises:
+            NotImplementedError: Always, saying why and what to use instead.
+        """
+        raise NotImplementedError(self._no_log_likelihood)
+
     def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> Any:
         """Not available: a function-space posterior has no weight samples.
 
@@ -206,3 +300,76 @@ class BaseFunctionalLaplace(BaseLaplace):
             "sample the outputs with functional_samples(x), or use a weight-space Laplace "
             "(FullLaplace, KronLaplace, ...) for weight samples"
         )
+
+
+class PreciseMode:
+    """The ``precise()`` switch of a function-space posterior: ``precise_results`` is true
+    within it, where moments are returned in the accumulation precision (for links that
+    cancel, such as the Laplace bridge), and false outside it, where they are cast to the
+    model's dtype."""
+
+    precise_results: bool = False
+
+    @contextmanager
+    def precise(self) -> Iterator[None]:
+        """Return moments in the accumulation precision within this context."""
+        previous, self.precise_results = self.precise_results, True
+        try:
+            yield
+        finally:
+            self.precise_results = previous
+
+
+# --------------------------------------------------------------------- shared helpers
+def is_count(value: Any, minimum: int = 1, integer: type = Integral) -> bool:
+    """Whether ``value`` is an ``integer`` (not a bool) of at least ``minimum``."""
+    return not isinstance(value, bool) and isinstance(value, integer) and value >= minimum
+
+
+def positive_int(value: Any, name: str) -> int:
+    """``value``, checked to be a positive ``int``.
+
+    Raises:
+        ValueError: Otherwise, naming the argument ``name``.
+    """
+    if not is_count(value, integer=int):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_seed(seed: Any, integer: type = int) -> None:
+    """Refuse a seed that is not an ``integer`` (or is a bool).
+
+    Raises:
+        ValueError: For such a seed.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, integer):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+
+
+def checked_data_size(train_loader: Any, size: int, name: str) -> int:
+    """The number of data points of ``train_loader``, at least the ``size`` asked for.
+
+    Raises:
+        ValueError: If the data set is smaller, naming the argument ``name``, and as
+            :func:`~laplace.utils.data.dataset_size`.
+    """
+    n_data = dataset_size(train_loader)
+    if size > n_data:
+        raise ValueError(f"{name} must be at most the number of data points {n_data}, got {size}")
+    return n_data
+
+
+def subset_loader(train_loader: Any, indices: Tensor) -> DataLoader:
+    """A loader over the ``indices`` of ``train_loader.dataset``, in their order, in batches
+    of the loader's size (all at once if it has none) with its ``collate_fn``."""
+    return DataLoader(
+        Subset(train_loader.dataset, indices.tolist()),
+        batch_size=getattr(train_loader, "batch_size", None) or len(indices),
+        collate_fn=getattr(train_loader, "collate_fn", None),
+    )
+
+
+def copy_history(history: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """A ``fit_history_`` with its lists copied (so the copy never shares an append)."""
+    return {key: list(values) for key, values in history.items()}

@@ -32,45 +32,29 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from laplace.evidence import EvidenceMixin
-from laplace.functional.base import BaseFunctionalLaplace
+from laplace.functional.base import (
+    BaseFunctionalLaplace,
+    check_seed,
+    checked_data_size,
+    positive_int,
+    subset_loader,
+)
 from laplace.last_layer import LastLayerMixin
 from laplace.posterior.base import expand_prior
-from laplace.utils.data import (
-    check_finite_inputs,
-    check_finite_targets,
-    check_input_dtype,
-    dataset_size,
-    per_sample_shape,
-    unpack_batch,
-)
 from laplace.utils.enums import Likelihood
 from laplace.utils.feature_extractor import FeatureReduction
 from laplace.utils.precision import gram
 
 __all__ = ["FunctionalLaplace", "FunctionalLLLaplace"]
-
-
-class _IndexSampler(Sampler[int]):
-    """Yields fixed dataset indices in order."""
-
-    def __init__(self, indices: Tensor) -> None:
-        self.indices = indices.tolist()
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
 
 class _SubsetPosterior(NamedTuple):
@@ -116,12 +100,8 @@ class FunctionalLaplace(EvidenceMixin, BaseFunctionalLaplace):
         independent_outputs: bool = False,
         seed: int = 0,
     ) -> None:
-        if isinstance(n_subset, bool) or not isinstance(n_subset, int) or n_subset < 1:
-            raise ValueError(f"n_subset must be a positive integer, got {n_subset!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-
-        self.n_subset = n_subset
+        self.n_subset = positive_int(n_subset, "n_subset")
+        check_seed(seed)
         self.independent_outputs = bool(independent_outputs)
         self.seed = seed
         super().__init__(
@@ -165,27 +145,19 @@ class FunctionalLaplace(EvidenceMixin, BaseFunctionalLaplace):
             ValueError: For ``override=False``, ``n_subset`` above the data set size, a loader
                 without ``dataset``, and for bad data as ``ParametricLaplace.fit``.
         """
-        if not override:
-            raise ValueError(
-                f"{type(self).__name__} does not support fit(override=False): the subset of "
-                "data cannot be updated; fit again on all the data"
-            )
+        self._check_override(override, "the subset of data cannot be updated")
         with self._unchanged_on_failure():
             self._fit(train_loader, progress_bar)
 
     def _fit(self, train_loader: Any, progress_bar: bool) -> None:
-        n_data = dataset_size(train_loader)
-        if self.n_subset > n_data:
-            raise ValueError(
-                f"n_subset must be at most the number of data points {n_data}, got {self.n_subset}"
-            )
+        n_data = checked_data_size(train_loader, self.n_subset, "n_subset")
         self.model.eval()
         self._prepare(train_loader)
         self.mean = self.subset.mean()
         loss = self._loss_pass(train_loader, progress_bar)
         generator = torch.Generator().manual_seed(self.seed)
         indices = torch.randperm(n_data, generator=generator)[: self.n_subset].sort().values
-        Js, roots = self._subset_pass(self._subset_loader(train_loader, indices), progress_bar)
+        Js, roots = self._subset_pass(subset_loader(train_loader, indices), progress_bar)
         self.subset_indices = indices
         self._subset_jacobians, self._roots = Js, roots
         self._layer_grams = self._grams(Js.flatten(0, 1), Js.flatten(0, 1))
@@ -211,36 +183,10 @@ class FunctionalLaplace(EvidenceMixin, BaseFunctionalLaplace):
             raise ValueError("train_loader yielded no batches")
         return total.to(self._device)
 
-    def _checked_batch(self, batch: Any, first: bool) -> tuple[Any, Tensor]:
-        X, y = unpack_batch(batch, self.dict_key_x, self.dict_key_y, self._device)
-        check_finite_inputs(X)
-        check_input_dtype(X, self._dtype, self.dict_key_x)
-        check_finite_targets(y)
-        if first:
-            self._input_shape = per_sample_shape(X)
-        return X, y
-
-    def _check_output(self, f: Tensor) -> None:
-        if f.ndim != 2:
-            raise ValueError(
-                f"model output must have shape (batch, outputs), got {tuple(f.shape)}"
-            )
-        if self.n_outputs is None:
-            self.n_outputs = f.shape[1]
-
-    def _subset_loader(self, train_loader: Any, indices: Tensor) -> DataLoader:
-        dataset = train_loader.dataset
-        batch_size = getattr(train_loader, "batch_size", None) or len(indices)
-        collate = getattr(train_loader, "collate_fn", None)
-        return DataLoader(
-            dataset, batch_size=batch_size, sampler=_IndexSampler(indices), collate_fn=collate
-        )
-
     def _subset_pass(self, loader: DataLoader, progress_bar: bool) -> tuple[Tensor, Tensor]:
         """Jacobians ``(M, outputs, params)`` and output-Hessian roots ``(M, k, outputs)``."""
         jacobians, roots = [], []
-        for batch in tqdm(loader, desc="fit: subset", disable=not progress_bar):
-            X, _ = self._checked_batch(batch, first=False)
+        for X, _ in self._batches(loader, "fit: subset", progress_bar):
             Js, f = self.subset.jacobians(self.backend, X, False)
             jacobians.append(Js.detach())
             roots.append(self._output_root(f.detach()))
@@ -373,13 +319,8 @@ class FunctionalLaplace(EvidenceMixin, BaseFunctionalLaplace):
         return torch.diag_embed(K.diagonal(dim1=1, dim2=2)) if self.independent_outputs else K
 
     # ----------------------------------------------------------------- not applicable
-    def square_norm(self, value: Tensor) -> Tensor:
-        raise NotImplementedError(
-            f"{type(self).__name__} has no weight-space posterior precision; square_norm and "
-            "log_prob need a weight-space Laplace (FullLaplace, KronLaplace, ...)"
-        )
-
-    log_prob = square_norm
+    square_norm = BaseFunctionalLaplace.square_norm  # not EvidenceMixin's: no weight-space P
+    log_prob = BaseFunctionalLaplace.log_prob
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
