@@ -30,6 +30,7 @@ setup(
             "matplotlib",
             "scikit-learn",
             "scipy",
+            "mlxtend",
             "mkdocs",
             "mkdocs-material",
             "mkdocstrings[python]",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import torch
@@ -182,10 +182,12 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 class PredictiveMemo:
-    """Prior-independent parts of the GLM predictive, per input tensor, during a gridsearch.
+    """Prior-independent parts of the GLM predictive, per input, during a gridsearch.
 
-    Entries are keyed by the input's identity (the input is kept alive with its entry, so an
-    identity is never reused) and stop being added once they hold ``max_entries`` numbers.
+    Entries are keyed by the identity of the input (a tensor, or a dict-like batch: the
+    gridsearch passes the same batch objects at every grid point; the input is kept alive
+    with its entry, so an identity is never reused) and stop being added once they hold
+    ``max_entries`` numbers.
     """
 
     max_entries: int = 2**26
@@ -196,7 +198,7 @@ class PredictiveMemo:
 
     def get(self, kind: str, X: Any, compute: Callable[[], Any]) -> Any:
         """``compute()`` for ``X``, from the memo when it was computed before."""
-        if not isinstance(X, Tensor):
+        if not isinstance(X, (Tensor, MutableMapping)):
             return compute()
         key = (kind, id(X))
         if key in self._entries:

@@ -323,10 +323,12 @@ def test_last_layer_is_found_on_the_first_batch_and_forgotten_when_fit_fails():
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
 def test_float32_model_against_float64_truth(likelihood):
     """A float32 ReLU MLP with more parameters (~200) than subset points x outputs (60),
-    a small prior precision (1e-3): the kernel spans 6 decades. Truth from the same weights
-    and data in float64. The float32 Jacobians carry relative error ~eps; the float64 Gram
-    and Cholesky add none, so the predictive variances (dominated by the kernel's large
-    entries) agree to ~1e-4 relative, and the marginal likelihood to ~1e-5 relative."""
+    inactive units and a small prior precision (1e-3). Truth from the same weights and data
+    in float64. The float32 Jacobians carry relative errors of a few eps; the float64 Gram,
+    Cholesky and solves add none, and the posterior reduction K*S B^-1 KS* is well
+    conditioned relative to K** (B = I + h R K R^T >= I), so the variances agree to a few eps
+    of the largest variance (measured 2.5 eps) and the marginal likelihood to a few eps
+    relative (measured 0.5 eps): 50 eps is allowed for both."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)
@@ -347,9 +349,10 @@ def test_float32_model_against_float64_truth(likelihood):
         reference, x, y, x_test, likelihood, torch.full((la.n_params,), 1e-3),
         subset=la.subset_indices,
     )  # fmt: skip
+    eps = torch.finfo(torch.float32).eps
     scale = var.diagonal(dim1=1, dim2=2).max()
-    assert (f_var.double() - var).abs().max() < 1e-4 * scale
-    assert abs(la.log_marginal_likelihood().item() - lml.item()) < 1e-5 * abs(lml.item())
+    assert (f_var.double() - var).abs().max() < 50 * eps * scale
+    assert abs(la.log_marginal_likelihood().item() - lml.item()) < 50 * eps * abs(lml.item())
 
 
 def test_last_layer_state_round_trip_adopts_the_saved_layer():

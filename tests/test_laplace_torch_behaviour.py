@@ -410,3 +410,45 @@ def test_fit_and_predict_run_in_eval_mode_and_give_the_mode_back(name):
         other = _build(name, likelihood="classification", model=reference, **kw)
     other.fit(_loader(x, y))
     torch.testing.assert_close(first, other(x[:4]))
+
+
+def test_gridsearch_computes_dict_batch_features_once():
+    """The prior-independent part of the predictive (here the last layer's features) is
+    memoised per validation batch for dict-like batches too: one forward pass per batch for
+    the whole grid."""
+
+    class DictModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = make_mlp()
+
+        def forward(self, batch):
+            return self.net(batch["input_ids"])
+
+    x, y = make_data("classification", n=12)
+    model = DictModel().double()
+    batches = [UserDict({"input_ids": x[i : i + 6], "labels": y[i : i + 6]}) for i in (0, 6)]
+    la = KronLLLaplace(model, "classification", last_layer_name="net.2")
+    la.fit(_DictLoader(batches))
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    la.optimize_prior_precision(method="gridsearch", val_loader=batches, grid_size=7)
+    assert len(calls) == len(batches)
+
+
+@pytest.mark.parametrize("name", ["full", "kron", "ll-full"])
+def test_whole_object_pickle_holds_no_caches(name, tmp_path):
+    """After predicting (which caches eigendecompositions and float32 copies), torch.save of
+    the whole object is about the size of its state dict and predicts identically."""
+    kw = {"last_layer_name": "2"} if name.startswith("ll") else {}
+    la = _build(name, likelihood="classification", model=make_mlp(n_hidden=30), **kw)
+    x, y = make_data("classification", n=12)
+    la.fit(_loader(x, y))
+    expected = la(x[:4])
+    whole, state = tmp_path / "whole.pt", tmp_path / "state.pt"
+    torch.save(la, whole)
+    torch.save(la.state_dict(), state)
+    model_bytes = sum(p.numel() * 8 for p in la.model.parameters()) + 4096
+    assert whole.stat().st_size < 1.2 * state.stat().st_size + model_bytes
+    loaded = torch.load(whole, weights_only=False)
+    torch.testing.assert_close(loaded(x[:4]), expected)

@@ -21,8 +21,9 @@ raises the error of a :class:`FastPath` it cannot take (:func:`cannot_take`; onl
 any other propagates) it remembers that the module cannot take that path and runs the
 fallback, now and in every later call for that module, so a fast path fails at most once per
 module (once per fit in practice). The fallbacks compute the same numbers: per-sample
-Jacobians and gradients from one forward pass over the batch and one ordinary backward pass
-per output entry (:func:`looped_jacobians`, :func:`jacobian_rows`); the rows of a backward
+Jacobians from each sample run as a batch of one with one ordinary backward pass per output
+(:func:`looped_jacobians`, :func:`jacobian_rows`), per-sample gradients from one forward
+pass over the batch and one backward pass per sample loss; the rows of a backward
 pass one at a time; the forward-mode products with attention computed by PyTorch's composite
 "math" kernel (:func:`math_attention`), which every autodiff mode differentiates.
 """
@@ -33,7 +34,7 @@ import logging
 import weakref
 from collections.abc import Callable, Mapping
 from enum import Enum
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -203,20 +204,24 @@ def jacobian_rows(outputs: Tensor, leaves: list[Tensor], create_graph: bool = Fa
 def looped_jacobians(
     module: nn.Module,
     named: Mapping[str, Tensor],
-    inputs: Inputs,
+    batched: Tensor | Mapping[str, Tensor],
+    rebuild: Callable[[Any], Inputs],
     enable_backprop: bool,
     check_output: Callable[[Tensor], None],
 ) -> tuple[Tensor, Tensor]:
     """Per-sample Jacobians of ``module(inputs)`` w.r.t. ``named`` without ``vmap``.
 
-    One forward pass over the whole batch and one backward pass per sample and output:
-    ``f_bc`` depends on the parameters only through sample ``b``, so its gradient is the row
-    ``J_b[c]``.
+    Each sample is run as a batch of one (as the vmapped path does), with one backward pass
+    per output through that sample's graph only: ``batch`` small forward passes and
+    ``batch * outputs`` small backward passes, where backward passes through the graph of
+    the whole batch would cost ``batch`` times more each.
 
     Args:
         module: The module.
         named: The tensors differentiated, by name in ``module``.
-        inputs: The batch, passed to ``module`` whole.
+        batched: What varies per sample: the input tensor, or the per-sample entries of a
+            dict-like batch (``_split_samples`` of :mod:`laplace.curvature._tools`).
+        rebuild: Turns one sample of ``batched`` into a batch of one the module takes.
         enable_backprop: Keep ``Js`` and ``f`` differentiable (w.r.t. the inputs and
             ``named``); otherwise they are detached.
         check_output: Raises for an output that is not ``(batch, outputs)``.
@@ -228,9 +233,18 @@ def looped_jacobians(
         name: p if enable_backprop else p.detach().requires_grad_(True)
         for name, p in named.items()
     }
+    n = len(batched) if isinstance(batched, Tensor) else len(next(iter(batched.values())))
+    outputs, jacobians = [], []
     with torch.enable_grad():
-        f = functional_call(module, leaves, (inputs,))
-        check_output(f)
-        rows = jacobian_rows(f.reshape(-1), list(leaves.values()), enable_backprop)
-    Js = rows.view(*f.shape, -1)
+        for b in range(n):
+            sample = batched[b] if isinstance(batched, Tensor) else {
+                key: value[b] for key, value in batched.items()
+            }  # fmt: skip
+            f_b = functional_call(module, leaves, (rebuild(sample),))
+            check_output(f_b)
+            jacobians.append(
+                jacobian_rows(f_b.reshape(-1), list(leaves.values()), enable_backprop)
+            )
+            outputs.append(f_b[0])
+    Js, f = torch.stack(jacobians), torch.stack(outputs)
     return (Js, f) if enable_backprop else (Js.detach(), f.detach())

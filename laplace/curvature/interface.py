@@ -384,8 +384,8 @@ class CurvatureInterface:
 
         Each sample is vmapped as a batch of one: one backward pass per sample and output.
         A module that ``vmap`` cannot batch (data-dependent control flow, such as the
-        attention-mask code of Hugging Face models) takes one forward pass over the batch
-        and one backward pass per sample and output instead, from its first failure on
+        attention-mask code of Hugging Face models) runs each sample as a batch of one with
+        one ordinary backward pass per output instead, from its first failure on
         (:mod:`laplace.curvature._fallback`).
 
         Shapes:
@@ -405,7 +405,9 @@ class CurvatureInterface:
             return torch.cat([jac[name].flatten(2) for name in theta], dim=2), f
 
         def looped() -> tuple[Tensor, Tensor]:
-            return looped_jacobians(module, named, inputs, enable_backprop, self._check_output)
+            return looped_jacobians(
+                module, named, batched, rebuild, enable_backprop, self._check_output
+            )
 
         return run_with_fallback(module, FastPath.VMAP, vmapped, looped)
 

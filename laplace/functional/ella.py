@@ -86,12 +86,13 @@ class ELLA(BaseFunctionalLaplace):
 
     See the module docstring for the approximation and its costs.
 
+    ``model``, ``likelihood``, ``sigma_noise``, ``prior_precision``, ``prior_mean``,
+    ``temperature``, ``enable_backprop``, ``dict_key_x``, ``dict_key_y``, ``backend``,
+    ``backend_kwargs`` are as for :class:`~laplace.base.BaseLaplace`; ``backend`` computes the
+    Jacobians of the subsample (and the features of models without forward-mode autodiff). The
+    prior mean does not enter the predictive.
+
     Args:
-        model, likelihood, sigma_noise, prior_precision, prior_mean, temperature,
-            enable_backprop, dict_key_x, dict_key_y, backend, backend_kwargs: As for
-            :class:`~laplace.base.BaseLaplace`; ``backend`` computes the Jacobians of the
-            subsample (and the features of models without forward-mode autodiff). The
-            prior mean does not enter the predictive.
         subsample_size: Number ``M`` of training points of the Nyström basis.
         n_eigenvalues: Number ``K`` of kernel eigenpairs (features) kept: at most
             ``subsample_size``, or ``subsample_size * outputs`` with ``all_outputs``.

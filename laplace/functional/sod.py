@@ -71,10 +71,11 @@ class _SubsetPosterior(NamedTuple):
 class FunctionalLaplace(EvidenceMixin, BaseFunctionalLaplace):
     """Subset-of-data GP Laplace approximation over all trainable weights.
 
+    ``model``, ``likelihood``, ``sigma_noise``, ``prior_precision``, ``prior_mean``,
+    ``temperature``, ``enable_backprop``, ``dict_key_x``, ``dict_key_y``, ``backend``,
+    ``backend_kwargs`` are as for :class:`~laplace.base.BaseLaplace`.
+
     Args:
-        model, likelihood, sigma_noise, prior_precision, prior_mean, temperature,
-            enable_backprop, dict_key_x, dict_key_y, backend, backend_kwargs: As for
-            :class:`~laplace.base.BaseLaplace`.
         n_subset: Number of training points ``M`` the GP posterior conditions on.
         independent_outputs: One GP per output (see the module docstring).
         seed: Seed of the draw of the subset.
@@ -363,11 +364,13 @@ class FunctionalLLLaplace(LastLayerMixin, FunctionalLaplace):
     closed-form ``I ⊗ phi(x)`` (and the identity for the bias): the network's features
     ``phi`` come from one forward pass.
 
+    ``likelihood``, ``n_subset``, ``sigma_noise``, ``prior_precision``, ``prior_mean``,
+    ``temperature``, ``enable_backprop``, ``dict_key_x``, ``dict_key_y``, ``backend``,
+    ``backend_kwargs``, ``independent_outputs``, ``seed`` are as for
+    :class:`FunctionalLaplace`.
+
     Args:
         model: The network, or a :class:`~laplace.utils.feature_extractor.FeatureExtractor`.
-        likelihood, n_subset, sigma_noise, prior_precision, prior_mean, temperature,
-            enable_backprop, dict_key_x, dict_key_y, backend, backend_kwargs,
-            independent_outputs, seed: As for :class:`FunctionalLaplace`.
         feature_reduction: Reduction of ``(batch, seq, dim)`` features (``"pick_first"``,
             ``"pick_last"``, ``"average"``); it must match how the model reduces its logits.
         last_layer_name: Name of the last layer; ``None`` finds it on the first batch.

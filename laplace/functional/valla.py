@@ -77,11 +77,13 @@ class _Schedule(NamedTuple):
 class VaLLA(TrainableHyperparameters, BaseFunctionalLaplace):
     """Variational linearised Laplace with inducing outputs; see the module docstring.
 
+    ``model``, ``likelihood``, ``sigma_noise``, ``prior_precision``, ``prior_mean``,
+    ``temperature``, ``enable_backprop``, ``dict_key_x``, ``dict_key_y``, ``backend``,
+    ``backend_kwargs`` are as for :class:`~laplace.base.BaseLaplace`; ``prior_precision`` must
+    be a scalar and ``prior_mean`` zero. ``sigma_noise`` and ``prior_precision`` are initial
+    values.
+
     Args:
-        model, likelihood, sigma_noise, prior_precision, prior_mean, temperature,
-            enable_backprop, dict_key_x, dict_key_y, backend, backend_kwargs: As for
-            :class:`~laplace.base.BaseLaplace`; ``prior_precision`` must be a scalar and
-            ``prior_mean`` zero. ``sigma_noise`` and ``prior_precision`` are initial values.
         inducing_locations: Inputs ``(M, ...)`` (floating tensors are optimised; integer
             tensors and dict-like batches stay fixed), or ``"random"`` / ``"kmeans"`` to
             choose ``num_inducing`` training inputs in ``fit`` (k-means: the training input

@@ -196,6 +196,20 @@ class Curvature(ABC):
         self.sizes = list(sizes)
         self.dtype = dtype
 
+    def _invalidate(self) -> None:
+        """Drop what is cached from ``H`` (decompositions, casts); structures with caches
+        override this."""
+        return None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle the sums without the caches (recomputed on demand), so a whole-object
+        ``torch.save`` of a Laplace approximation is about the size of its state dict."""
+        shadow = object.__new__(type(self))
+        shadow.__dict__ = dict(self.__dict__)
+        shadow._invalidate()
+        shadow.__dict__.pop("memo", None)
+        return shadow.__dict__
+
     @staticmethod
     def _storage(reference: Tensor) -> dict[str, object]:
         """``device`` and ``dtype`` of the sums for parameters like ``reference``."""
