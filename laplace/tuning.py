@@ -77,17 +77,8 @@ class PriorTuningMixin:
             init = self._initial_prior(init_prior_prec, prior_structure)
             self._optimize_marglik(init, n_steps, lr, progress_bar)
         else:
-            if val_loader is None:
-                raise ValueError("method='gridsearch' needs a val_loader")
-            if grid_size < 1:
-                raise ValueError(f"grid_size must be a positive integer, got {grid_size!r}")
-            grid = torch.logspace(
-                log_prior_prec_min,
-                log_prior_prec_max,
-                grid_size,
-                base=log_prior_prec_base,
-                device=self._device,
-                dtype=self._dtype,
+            grid = self._prior_grid(
+                val_loader, log_prior_prec_min, log_prior_prec_max, grid_size, log_prior_prec_base
             )
             loss = self._default_val_loss() if loss is None else loss
             self.prior_precision = self._gridsearch(
@@ -117,6 +108,20 @@ class PriorTuningMixin:
             neg_marglik.backward()
             optimizer.step()
         self.prior_precision = log_prior_prec.detach().exp()
+
+    def _prior_grid(
+        self, val_loader: Any, low: float, high: float, size: int, base: float
+    ) -> Tensor:
+        """The grid search's ``size`` prior precisions ``base**low ... base**high``.
+
+        Raises:
+            ValueError: Without a ``val_loader``, or for a ``size`` below 1.
+        """
+        if val_loader is None:
+            raise ValueError("method='gridsearch' needs a val_loader")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"grid_size must be a positive integer, got {size!r}")
+        return torch.logspace(low, high, size, base=base, device=self._device, dtype=self._dtype)
 
     def _default_val_loss(self) -> Callable:
         from torchmetrics import MeanSquaredError

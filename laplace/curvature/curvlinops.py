@@ -4,7 +4,7 @@
 :class:`CurvlinopsEF` and :class:`CurvlinopsHessian` use them for three structures:
 
 - ``full``: the operator (GGN, its Monte-Carlo Fisher, empirical Fisher or Hessian) applied to
-  blocks of identity columns, at most ``_CHUNK_ENTRIES`` entries per block, so a dense
+  blocks of identity columns (:mod:`laplace.curvature._operators`), so a dense
   ``(params, params)`` matrix costs ``params`` matrix-vector products. With
   ``subnetwork_indices`` only those columns are formed.
 - ``diag``: the exact ``torch.func`` diagonals of :class:`~laplace.curvature.GGNInterface`
@@ -73,7 +73,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -95,6 +95,7 @@ with warnings.catch_warnings():
 
 from laplace.curvature._fallback import math_attention
 from laplace.curvature._kfac import PendingRows, batch_kfac
+from laplace.curvature._operators import operator_diagonal, operator_submatrix
 from laplace.curvature._options import KFAC_OPTIONS, SAMPLING_OPTIONS, KFACApprox
 from laplace.curvature.curvature import CurvatureInterface, EFInterface, GGNInterface
 from laplace.utils.data import Inputs, batch_size
@@ -103,62 +104,10 @@ from laplace.utils.matrix import Kron
 
 __all__ = ["CurvlinopsInterface", "CurvlinopsGGN", "CurvlinopsEF", "CurvlinopsHessian"]
 
-_CHUNK_ENTRIES = 2**22
 _GRAM_MAX_ENTRIES = 2**25
-"""Most entries in one block of identity columns (and in its product with the operator)."""
+"""Most entries of the per-sample Jacobian factors for the Gram path of ``full``."""
 
 _KFAC_LAYERS = (nn.Linear, nn.Conv2d)
-
-
-def _column_blocks(
-    operator: Any, indices: Tensor, like: Tensor
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Multiply the operator onto blocks of the identity's columns ``indices``.
-
-    Args:
-        operator: A square ``curvlinops`` linear operator of size ``params``.
-        indices: The columns to form.
-        like: A tensor giving the device and dtype of the identity columns.
-
-    Yields:
-        ``(cols, operator @ E[:, cols])`` for consecutive blocks ``cols`` of ``indices``.
-
-    Shapes:
-        ``indices``: ``(k,)``; each product: ``(params, len(cols))``
-    """
-    n_params = operator.shape[1]
-    chunk = max(1, _CHUNK_ENTRIES // n_params)
-    for cols in indices.split(chunk):
-        identity = torch.zeros(n_params, cols.numel(), device=like.device, dtype=like.dtype)
-        identity[cols, torch.arange(cols.numel(), device=like.device)] = 1.0
-        yield cols, operator @ identity
-
-
-def _dense(operator: Any, indices: Tensor, like: Tensor) -> Tensor:
-    """The symmetric submatrix ``H[indices][:, indices]`` of a self-adjoint operator.
-
-    Shapes:
-        ``indices``: ``(k,)`` -> ``(k, k)``
-    """
-    blocks = [
-        block.index_select(0, indices) for _, block in _column_blocks(operator, indices, like)
-    ]
-    H = torch.cat(blocks, dim=1)
-    return (H + H.T) / 2
-
-
-def _diagonal(operator: Any, indices: Tensor, like: Tensor) -> Tensor:
-    """The diagonal entries ``H[i, i]`` for ``i`` in ``indices``, one column block at a time.
-
-    Shapes:
-        ``indices``: ``(k,)`` -> ``(k,)``
-    """
-    return torch.cat(
-        [
-            block[cols, torch.arange(cols.numel(), device=like.device)]
-            for cols, block in _column_blocks(operator, indices, like)
-        ]
-    )
 
 
 def _kronecker_factors(kfac: KFACLinearOperator) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -298,7 +247,7 @@ class CurvlinopsInterface(CurvatureInterface):
             return super().full(x, y, N=N, generator=generator, out=out, **kwargs)
         operator, loss, like = self._curvature_operator(x, y, generator, options)
         H = self._scale * math_attention(
-            self.model, lambda: _dense(operator, self._indices(), like)
+            self.model, lambda: operator_submatrix(operator, self._indices(), like)
         )
         H = self._check_finite(self._summed(H))
         return loss, H if out is None else out.add_(H)
@@ -580,7 +529,7 @@ class CurvlinopsHessian(CurvlinopsInterface):
     """Exact Hessian of the batch loss w.r.t. the parameters (``HessianLinearOperator``).
 
     ``full`` and ``diag`` both cost one Hessian-vector product per (selected) parameter;
-    ``diag`` keeps only one block of ``_CHUNK_ENTRIES`` entries in memory. There is no
+    ``diag`` keeps only one block of ``_operators._CHUNK_ENTRIES`` entries in memory. There is no
     Kronecker-factored Hessian.
 
     ``model``, ``likelihood``, ``last_layer``, ``subnetwork_indices``, ``dict_key_x``,
@@ -622,5 +571,5 @@ class CurvlinopsHessian(CurvlinopsInterface):
         """
         options = self._check_structure(HessianStructure.DIAG, kwargs)
         operator, loss, like = self._curvature_operator(x, y, None, options)
-        h = math_attention(self.model, lambda: _diagonal(operator, self._indices(), like))
+        h = math_attention(self.model, lambda: operator_diagonal(operator, self._indices(), like))
         return loss, self._check_finite(self._scale * h)

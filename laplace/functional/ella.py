@@ -436,16 +436,8 @@ class ELLA(BaseFunctionalLaplace):
                 f"not supported, got {loss!r}"
             )
         self._check_predict_args(pred_type, n_samples, None)
-        if val_loader is None:
-            raise ValueError("method='gridsearch' needs a val_loader")
-        positive_int(grid_size, "grid_size")
-        grid = torch.logspace(
-            log_prior_prec_min,
-            log_prior_prec_max,
-            grid_size,
-            base=log_prior_prec_base,
-            device=self._device,
-            dtype=self._dtype,
+        grid = self._prior_grid(
+            val_loader, log_prior_prec_min, log_prior_prec_max, grid_size, log_prior_prec_base
         )
         grid = tqdm(grid, desc="gridsearch", disable=not progress_bar)
         features = self._validation_features(val_loader)
