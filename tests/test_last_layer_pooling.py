@@ -105,3 +105,30 @@ def test_the_closed_form_is_kept_when_it_applies():
     J = _head_jacobians(model, x)
     lam = output_hessians(model(x).detach(), y, "classification")
     torch.testing.assert_close(la.H, torch.einsum("ncp,ncd,ndq->pq", J, lam, J))
+
+
+def test_pooled_outputs_on_a_float32_model():
+    """float32 model, truth from the same weights in float64: the real-output Jacobians of the
+    head carry relative errors of a few float32 eps and the sums are float64, so the GGN and
+    the predictive variance agree to 100 eps of their largest entry."""
+    import copy
+
+    model = PooledAtLastToken().float()
+    x, y = _data()
+    la = FullLLLaplace(
+        model, "classification", feature_reduction="pick_last", last_layer_name="head"
+    )
+    la.fit(DataLoader(TensorDataset(x.float(), y), batch_size=4))
+    reference = copy.deepcopy(model).double()
+    J = _head_jacobians(reference, x)
+    lam = output_hessians(reference(x).detach(), y, "classification")
+    H = torch.einsum("ncp,ncd,ndq->pq", J, lam, J)
+    eps = torch.finfo(torch.float32).eps
+    assert la.H.dtype == torch.float32
+    assert (la.H.double() - H).abs().max() < 100 * eps * H.abs().max()
+    x_test, _ = _data(n=5, seed=3)
+    J_test = _head_jacobians(reference, x_test)
+    P = H + torch.eye(H.shape[0])
+    expected = J_test @ torch.linalg.inv(P) @ J_test.mT
+    f_var = la._glm_predictive_distribution(x_test.float())[1]
+    assert (f_var.double() - expected).abs().max() < 100 * eps * expected.abs().max()
