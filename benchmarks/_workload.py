@@ -32,6 +32,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 PHASES = ("fit", "marglik", "predict")
+Batches = DataLoader | list[list[torch.Tensor]]
+"""Test batches: a loader, or its batches formed beforehand (`spec["pre_batched"]`)."""
 
 
 def build_model(spec: dict[str, Any]) -> nn.Module:
@@ -39,13 +41,15 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
 
     Args:
         spec: The workload spec; `model` is `"mlp"` (with `layers`, the widths from input to
-            output) or `"cnn"` (with `image_size`, `channels` and `n_classes`).
+            output), `"cnn"` (with `image_size`, `channels` and `n_classes`) or `"lenet"`
+            (1x28x28: Conv(16,5) ReLU MaxPool Conv(32,5) ReLU MaxPool Linear(512,128) ReLU
+            Linear(128, n_classes), the network of `check_accuracy.py`).
 
     Returns:
         The network, in eval mode.
 
     Raises:
-        ValueError: If `spec["model"]` is neither `"mlp"` nor `"cnn"`.
+        ValueError: If `spec["model"]` is not one of these.
     """
     if spec["model"] == "mlp":
         widths = spec["layers"]
@@ -66,7 +70,20 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
             nn.Flatten(),
             nn.Linear(c2 * side * side, spec["n_classes"]),
         ).eval()
-    raise ValueError(f"spec['model'] must be 'mlp' or 'cnn', got {spec['model']!r}")
+    if spec["model"] == "lenet":
+        return nn.Sequential(
+            nn.Conv2d(1, 16, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(512, 128),
+            nn.ReLU(),
+            nn.Linear(128, spec["n_classes"]),
+        ).eval()
+    raise ValueError(f"spec['model'] must be 'mlp', 'cnn' or 'lenet', got {spec['model']!r}")
 
 
 def make_inputs(spec: dict[str, Any], n: int) -> torch.Tensor:
@@ -81,12 +98,21 @@ def make_inputs(spec: dict[str, Any], n: int) -> torch.Tensor:
     """
     if spec["model"] == "mlp":
         return torch.randn(n, spec["layers"][0])
-    side = spec["image_size"]
+    side = 28 if spec["model"] == "lenet" else spec["image_size"]
     return torch.randn(n, 1, side, side)
 
 
+def _seconds(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
 def median_time(
-    run: Callable[[], object], repeats: int, warmup: Callable[[], object] | None = None
+    run: Callable[[], object],
+    repeats: int,
+    warmup: Callable[[], object] | None = None,
+    floor: Callable[[], object] | None = None,
 ) -> dict:
     """Time `run`, after one call of `warmup` if given.
 
@@ -94,18 +120,34 @@ def median_time(
         run: The timed call.
         repeats: How many timed calls; the median is reported.
         warmup: A cheap call that exercises the same code paths first.
+        floor: If given, timed right before and after every call of `run`, so that each
+            ratio to the floor is taken under the same load of a shared machine.
 
     Returns:
-        `{"seconds": median, "all": [every timing]}`.
+        `{"seconds": median, "all": [every timing]}`, with `floor` also `floor_seconds`
+        (the median of the floors around each call) and `floor_ratio` (the median of the
+        ratios of each call to the mean of its two floors).
     """
     if warmup is not None:
         warmup()
-    timings = []
+    timings, floors = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        timings.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(timings), "all": timings}
+        before = _seconds(floor) if floor is not None else 0.0
+        timings.append(_seconds(run))
+        if floor is not None:
+            floors.append((before + _seconds(floor)) / 2)
+    result = {"seconds": statistics.median(timings), "all": timings}
+    if floor is not None:
+        result["floor_seconds"] = statistics.median(floors)
+        result["floor_ratio"] = statistics.median(t / f for t, f in zip(timings, floors))
+    return result
+
+
+def forward_pass(model: nn.Module, batches: Batches) -> None:
+    """One plain forward pass of `model` over the inputs of `batches`, without gradients."""
+    with torch.no_grad():
+        for X, _ in batches:
+            model(X)
 
 
 def peak_rss_mib() -> float:
@@ -114,7 +156,7 @@ def peak_rss_mib() -> float:
 
 
 def measure_floors(
-    model: nn.Module, train: DataLoader, test: DataLoader, repeats: int
+    model: nn.Module, train: DataLoader, test: Batches, repeats: int
 ) -> dict[str, dict]:
     """Time the physical floors: plain passes of the network over the data.
 
@@ -130,10 +172,8 @@ def measure_floors(
         forward pass over the test data).
     """
 
-    def forward(loader: DataLoader) -> None:
-        with torch.no_grad():
-            for X, _ in loader:
-                model(X)
+    def forward(loader: Batches) -> None:
+        forward_pass(model, loader)
 
     def forward_backward() -> None:
         for X, y in train:
@@ -186,7 +226,7 @@ def warm_up(
     spec: dict[str, Any],
     model: nn.Module,
     train: DataLoader,
-    test: DataLoader,
+    test: Batches,
 ) -> None:
     """Run every phase once, cheaply, on a throwaway Laplace object.
 
@@ -207,14 +247,17 @@ def warm_up(
 
 
 def run_phases(
-    spec: dict[str, Any], model: nn.Module, train: DataLoader, test: DataLoader, result: dict
+    spec: dict[str, Any], model: nn.Module, train: DataLoader, test: Batches, result: dict
 ) -> None:
     """Time `fit`, `marglik` and `predict` of the library's Laplace, filling `result`.
 
     After a warm-up on a throwaway object, the phases run in the order a user runs them
     on one object: `fit` and `predict` are timed `spec["repeats"]` times (median), `marglik`
-    once, since its `marglik_steps` optimiser steps already average. A failing phase records
-    its error and the later phases still run, except after a failed `fit`.
+    once, since its `marglik_steps` optimiser steps already average. With `spec["timed"]`
+    only those phases are timed; an untimed `fit` still runs once, an untimed `marglik` is
+    skipped. With `spec["beside_floor"]` the predictive's floor is also timed around each
+    repeat (see :func:`median_time`). A failing phase records its error and the later
+    phases still run, except after a failed `fit`.
 
     Args:
         spec: The workload spec.
@@ -240,10 +283,16 @@ def run_phases(
         ),
         "predict": (predict, spec["repeats"]),
     }
+    floors = {"predict": (lambda: forward_pass(model, test))} if spec.get("beside_floor") else {}
+    timed = spec.get("timed", PHASES)
     for phase in PHASES:
         run, repeats = calls[phase]
+        if phase not in timed:
+            if phase == "fit":
+                run()
+            continue
         try:
-            result["phases"][phase] = median_time(run, repeats)
+            result["phases"][phase] = median_time(run, repeats, floor=floors.get(phase))
             result["phases"][phase]["rss_mib"] = peak_rss_mib()
         except Exception as error:
             result["phases"][phase] = {"error": describe(error)}
@@ -308,6 +357,8 @@ def run_workload(spec: dict[str, Any]) -> dict[str, Any]:
         y_test = torch.randint(0, spec["n_classes"], (spec["n_test"],))
         train = DataLoader(TensorDataset(X_train, y_train), batch_size=spec["batch_size"])
         test = DataLoader(TensorDataset(X_test, y_test), batch_size=spec["test_batch_size"])
+        if spec.get("pre_batched"):  # the predictive and its floor without the loader's cost
+            test = list(test)
         result["floors"] = measure_floors(model, train, test, max(5, spec["repeats"]))
         result["rss_mib_before_laplace"] = peak_rss_mib()
         run_phases(spec, model, train, test, result)

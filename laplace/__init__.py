@@ -11,6 +11,7 @@ Example:
     >>> probs = la(x_test)
 """
 
+from laplace import active as active
 from laplace.baselaplace import (
     ELLA,
     BaseFunctionalLaplace,

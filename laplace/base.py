@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -28,8 +28,12 @@ from laplace.utils.data import (
     per_sample_shape,
     unpack_batch,
 )
-from laplace.utils.enums import HessianStructure, Likelihood, parse_enum
+from laplace.utils.distributed import unwrap_parallel
+from laplace.utils.enums import HessianStructure, Likelihood, PredType, parse_enum
 from laplace.utils.precision import accumulation_dtype
+
+if TYPE_CHECKING:
+    from laplace.kernel import FunctionSampler, PosteriorKernel
 
 __all__ = ["BaseLaplace"]
 
@@ -38,7 +42,9 @@ class BaseLaplace(HyperparameterMixin, PriorTuningMixin, PredictiveMixin):
     """Base class of every Laplace approximation.
 
     Args:
-        model: The trained network; its output has shape ``(batch, outputs)``.
+        model: The trained network; its output has shape ``(batch, outputs)``. A
+            ``DistributedDataParallel`` or ``DataParallel`` wrapper is replaced by the
+            network it wraps (:func:`~laplace.utils.distributed.unwrap_parallel`).
         likelihood: ``"classification"``, ``"regression"`` or ``"reward_modeling"``.
         sigma_noise: Observation noise standard deviation (regression only; must be 1
             otherwise).
@@ -80,6 +86,7 @@ class BaseLaplace(HyperparameterMixin, PriorTuningMixin, PredictiveMixin):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.likelihood = parse_enum(Likelihood, likelihood, "likelihood")
+        model = unwrap_parallel(model)  # a (Distributed)DataParallel wrapper's network
         self.model = model
         self.subset = self._make_subset(model)
         self.enable_backprop = bool(enable_backprop)
@@ -316,6 +323,95 @@ class BaseLaplace(HyperparameterMixin, PriorTuningMixin, PredictiveMixin):
         self.prior_precision = state_dict["prior_precision"]
         self.sigma_noise = state_dict["sigma_noise"]
         self.temperature = state_dict["temperature"]
+
+    # ----------------------------------------------------------------- kernel
+    def posterior_kernel(
+        self, batch_size: int = 256, max_cached_entries: int = 2**24
+    ) -> PosteriorKernel:
+        """The posterior kernel ``k(X1, X2) = J(X1) P^-1 J(X2)^T`` of the linearised network.
+
+        ``k(X1, X2)`` has shape ``(n1, n2, outputs, outputs)``, ``k(X)`` is ``k(X, X)`` and
+        ``k.diagonal(X)`` is the GLM predictive covariance ``(n, outputs, outputs)``; see
+        :class:`~laplace.kernel.PosteriorKernel`, which evaluates it in blocks of
+        ``batch_size`` inputs through the posterior's structure.
+
+        Raises:
+            ValueError: If ``batch_size`` or ``max_cached_entries`` is not a positive integer.
+        """
+        from laplace.kernel import PosteriorKernel
+
+        return PosteriorKernel(self, batch_size, max_cached_entries)
+
+    def function_sampler(
+        self,
+        n_samples: int = 100,
+        seed: int | None = None,
+        pred_type: PredType | str = PredType.GLM,
+        batch_size: int = 256,
+        method: str = "auto",
+        max_jacobian_entries: int = 2**24,
+    ) -> FunctionSampler:
+        """``n_samples`` posterior functions, drawn once, to evaluate at any inputs.
+
+        ``sampler(X)`` returns their outputs ``(n_samples, n, outputs)``: the linearised
+        network at weight samples (``"glm"``) or the network itself (``"nn"``). The same
+        functions are evaluated at every call, and the same ``seed`` draws the same functions
+        (see :class:`~laplace.kernel.FunctionSampler`): for Thompson sampling and joint
+        acquisition functions evaluated on chunks of a pool. ``method`` chooses Jacobian rows
+        or Jacobian-free forward-mode products for ``"glm"``.
+
+        Raises:
+            ValueError: For a non-positive count, an unknown ``pred_type``, or before ``fit``.
+            NotImplementedError: Where the posterior has no such samples (``"nn"`` for the
+                function-space classes; :class:`~laplace.functional.VaLLA`).
+            TypeError: For a non-integer ``seed``.
+        """
+        from laplace.kernel import FunctionSampler
+
+        return FunctionSampler(
+            self, n_samples, seed, pred_type, batch_size, method, max_jacobian_entries
+        )
+
+    def _function_deltas(self, n_samples: int, generator: torch.Generator | None) -> Tensor:
+        """Zero-mean posterior samples in the space of :meth:`_kernel_rows`, so that
+        ``f(x) + rows(x) delta`` is a posterior function of the linearised network.
+
+        Shapes:
+            ``-> (n_samples, rows)``
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no joint function samples; use functional_samples(x) "
+            "per batch or predictive_moments(x, joint=True)"
+        )
+
+    def _kernel_row_bytes(self) -> int:
+        """Bytes of :meth:`_kernel_rows` per input (a Jacobian by default)."""
+        itemsize = torch.empty((), dtype=self._dtype).element_size()
+        return (self.n_outputs or 1) * self.n_params * itemsize
+
+    def _kernel_rows(self, X: Inputs) -> Tensor:
+        """What :meth:`_kernel_cross` needs of a block of inputs: Jacobian rows by default.
+
+        Shapes:
+            ``-> (batch, outputs, rows)``
+        """
+        return self._kernel_rows_and_outputs(X)[0]
+
+    def _kernel_rows_and_outputs(self, X: Inputs) -> tuple[Tensor, Tensor]:
+        """``(Js, f)``: the Jacobians of the posterior's parameters and the outputs at ``X``.
+
+        Shapes:
+            ``-> (batch, outputs, params), (batch, outputs)``
+        """
+        return self.subset.jacobians(self.backend, X, self.enable_backprop)
+
+    def _kernel_cross(self, R1: Tensor, R2: Tensor) -> Tensor:
+        """``J1 P^-1 J2^T`` between two blocks of :meth:`_kernel_rows`.
+
+        Shapes:
+            ``(b1, outputs, rows), (b2, outputs, rows) -> (b1 * outputs, b2 * outputs)``
+        """
+        raise NotImplementedError
 
     def _check_fitted(self) -> None:
         if self.n_data is None:

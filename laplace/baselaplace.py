@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from laplace.base import BaseLaplace
+from laplace.budget import BudgetedJacobiansMixin
 from laplace.evidence import EvidenceMixin
 from laplace.posterior.base import Curvature, Posterior
 from laplace.subsets import AllWeights
@@ -38,6 +39,7 @@ from laplace.utils.data import (
     check_finite_inputs,
     dataset_size,
 )
+from laplace.utils.distributed import RankReduction
 from laplace.utils.enums import HessianStructure, Likelihood
 from laplace.utils.linear_jacobians import linear_jacobian_factors
 from laplace.utils.matrix import Kron, KronDecomposed
@@ -71,7 +73,7 @@ def _accepts_out(function: Any) -> bool:
         return False
 
 
-class ParametricLaplace(EvidenceMixin, BaseLaplace):
+class ParametricLaplace(EvidenceMixin, BudgetedJacobiansMixin, BaseLaplace):
     """Gaussian posterior ``N(theta_MAP, P^-1)`` over the parameters of a subset.
 
     Subclasses declare the structure through ``_structure`` and ``_curvature_cls``, and
@@ -163,7 +165,14 @@ class ParametricLaplace(EvidenceMixin, BaseLaplace):
     def _make_curvature(self) -> Curvature:
         return self._curvature_cls.zeros(self.params)
 
-    def fit(self, train_loader: Any, override: bool = True, progress_bar: bool = False) -> None:
+    def fit(
+        self,
+        train_loader: Any,
+        override: bool = True,
+        progress_bar: bool = False,
+        *,
+        distributed: bool | None = None,
+    ) -> None:
         """Fit the curvature at the current parameters of the model.
 
         The model is evaluated in eval mode and gets its train/eval modes back afterwards. A
@@ -175,39 +184,85 @@ class ParametricLaplace(EvidenceMixin, BaseLaplace):
                 is the number of data points.
             override: Start afresh; ``False`` adds to the previous fit (online learning).
             progress_bar: Show a tqdm progress bar over batches.
+            distributed: Sum the fit over the ranks of the initialised ``torch.distributed``
+                process group, each rank iterating over its shard of the data, so that every
+                rank holds the posterior of all the data (:mod:`laplace.utils.distributed`;
+                ``n_data`` is then the sum of the ranks' ``len(train_loader.sampler)``).
+                None (the default) does so when the group has more than one rank, True
+                requires a group, False fits on this rank's data only.
 
         Raises:
             ValueError: For a loader without ``dataset``, an empty loader, NaN inputs or
-                targets, wrong targets, or NaN/Inf curvature.
+                targets, wrong targets, NaN/Inf curvature, or ``distributed=True`` without a
+                process group.
             InputMismatchError: For floating inputs of another dtype than the model's (a
                 ``RuntimeError`` and a ``ValueError``).
+            RuntimeError: When fitting across ranks, if the fit raised on another rank.
         """
+        reduction = RankReduction.resolve(distributed)
         with self._unchanged_on_failure():
-            self._fit(train_loader, override, progress_bar)
+            self._fit(train_loader, override, progress_bar, reduction)
 
-    def _fit(self, train_loader: Any, override: bool, progress_bar: bool) -> None:
-        """:meth:`fit` without the restore on failure."""
-        n_data = dataset_size(train_loader)
+    def _fit(
+        self,
+        train_loader: Any,
+        override: bool,
+        progress_bar: bool,
+        reduction: RankReduction | None = None,
+    ) -> None:
+        """:meth:`fit` without the restore on failure; ``reduction`` sums over the ranks."""
+        if reduction is None:
+            n_data = dataset_size(train_loader)
+        else:
+            n_data = reduction.data_size(train_loader, self._device)
         if override or self._curvature is None:
             self._curvature, self._loss, self.n_data = self._new_curvature(), 0.0, None
         self.mean = self.subset.mean()
         if not torch.isfinite(self.mean).all():
             raise ValueError("the model's parameters contain NaN or Inf; cannot fit at them")
-        H_new, loss, n_batches = self._new_curvature(), 0.0, 0
+        H_new = self._new_curvature()
+        if reduction is None:
+            loss = self._sum_batches(H_new, train_loader, n_data, progress_bar)
+        else:
+            loss = reduction.sum_after(
+                lambda: [self._sum_batches(H_new, train_loader, n_data, progress_bar)],
+                1,
+                self._device,
+                self._accumulation_dtype,
+            )[0]
+            self._reduce_curvature(H_new, reduction)
+        self._merge_fit(H_new, n_data)
+        self._loss = self._loss + loss
+        self.n_data = n_data + (self.n_data or 0)
+        self._fitted_across_ranks = reduction is not None
+        self._posterior_cache = None
+
+    def _sum_batches(
+        self, H_new: Curvature, train_loader: Any, n_data: int, progress_bar: bool
+    ) -> Tensor:
+        """Add every batch's curvature to ``H_new``; the loss summed over the batches.
+
+        Raises:
+            ValueError: For an empty loader, and as :meth:`fit` for bad data or curvature.
+        """
+        loss, n_batches = 0.0, 0
         for batch in tqdm(train_loader, desc="fit", disable=not progress_bar):
             X, y = self._checked_batch(batch, first=n_batches == 0)
             if self.n_outputs is None or n_batches == 0:
                 self._set_n_outputs(X)
-            batch_loss = self._add_batch(H_new, X, y, n_data).detach()
-            loss = loss + batch_loss.to(accumulation_dtype(batch_loss.dtype, batch_loss.device))
+            for X_part, y_part in self._budgeted_parts(X, y):
+                part_loss = self._add_batch(H_new, X_part, y_part, n_data).detach()
+                loss = loss + part_loss.to(accumulation_dtype(part_loss.dtype, part_loss.device))
             n_batches += 1
         if n_batches == 0:
             raise ValueError("train_loader yielded no batches")
         self._finish_batches(H_new, n_data)
-        self._merge_fit(H_new, n_data)
-        self._loss = self._loss + loss
-        self.n_data = n_data + (self.n_data or 0)
-        self._posterior_cache = None
+        return loss
+
+    def _reduce_curvature(self, H_new: Curvature, reduction: RankReduction) -> None:
+        """Sum this fit's curvature over the ranks, in place (one collective)."""
+        reduction.sum_(H_new.summands())
+        H_new._invalidate()
 
     def _add_batch(self, H_new: Curvature, X: Inputs, y: Tensor, n_data: int) -> Tensor:
         """Add one batch's curvature to ``H_new`` and return the batch's loss.
@@ -317,8 +372,8 @@ class ParametricLaplace(EvidenceMixin, BaseLaplace):
         """``(f_mu, f_var)`` of the linearised model at ``X``.
 
         Structures that can evaluate ``J P^-1 J^T`` layer by layer (:meth:`_factored_variance`)
-        do so from the Jacobian factors of networks of Linear layers, all weights, marginal
-        variances; everything else forms the Jacobians.
+        do so from the Jacobian factors of networks of Linear and Conv2d layers, all weights,
+        marginal variances; everything else forms the Jacobians.
         """
         if not self.enable_backprop:
             check_finite_inputs(X)
@@ -327,27 +382,40 @@ class ParametricLaplace(EvidenceMixin, BaseLaplace):
                 "factors",
                 X,
                 lambda: linear_jacobian_factors(
-                    self.model, self.subset.named_params, X, create_graph=self.enable_backprop
+                    self.model,
+                    self.subset.named_params,
+                    X,
+                    create_graph=self.enable_backprop,
+                    convolutions=True,
                 ),
             )
             if factored is not None:
                 return factored[1], self._factored_variance(factored[0])
-        Js, f_mu = self._memo(
-            "jacobians", X, lambda: self.subset.jacobians(self.backend, X, self.enable_backprop)
-        )
-        if joint:
-            return f_mu.reshape(-1), self.functional_covariance(Js)
-        return f_mu, self.functional_variance(Js)
+        return self._jacobian_moments(X, joint)
 
     def _nn_samples(
         self, X: Inputs, n_samples: int, generator: torch.Generator | None, **model_kwargs: Any
     ) -> Tensor:
         """Network outputs at parameter samples, ``(n_samples, batch, outputs)``."""
-        thetas = self.sample(n_samples, generator)
+        return self._outputs_at(X, self.sample(n_samples, generator), **model_kwargs)
+
+    def _outputs_at(self, X: Inputs, thetas: Tensor, **model_kwargs: Any) -> Tensor:
+        """Network outputs with the posterior's parameters at each row of ``thetas``.
+
+        Shapes:
+            ``thetas (n, params) -> (n, batch, outputs)``
+        """
         context = torch.enable_grad() if self.enable_backprop else torch.no_grad()
         with context:
             outs = [self.subset.forward_at(X, theta, **model_kwargs) for theta in thetas]
         return torch.stack(outs)
+
+    # ----------------------------------------------------------------- kernel, samplers
+    def _kernel_cross(self, R1: Tensor, R2: Tensor) -> Tensor:
+        return self.posterior.inv_bilinear(R1.flatten(0, 1), R2.flatten(0, 1))
+
+    def _function_deltas(self, n_samples: int, generator: torch.Generator | None) -> Tensor:
+        return self.posterior.sample(n_samples, generator)
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

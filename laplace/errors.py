@@ -14,7 +14,9 @@ laplace-torch raises another built-in class for the same mistake, ours derives f
   dtype than the model's, or predictive inputs whose per-sample shape differs from the
   training inputs' where the model cannot take them.
 - :class:`UnknownOptionError` (``TypeError`` and ``ValueError``): a keyword option (in
-  ``asdl_fisher_kwargs``, say) that a backend's ``full``/``diag``/``kron`` does not take.
+  ``asdl_fisher_kwargs``, say) that a backend's ``full``/``diag``/``kron`` does not take, or
+  that an active-learning criterion (:func:`laplace.active.select`) does not take; also a
+  metric name that ``optimize_prior_precision(loss=...)`` does not know.
 
 ``KeyError`` normally shows its message quoted (``str(KeyError("a b"))`` is ``"'a b'"``); the
 two key errors here show it as written.
@@ -56,4 +58,5 @@ class InputMismatchError(RuntimeError, ValueError):
 
 class UnknownOptionError(TypeError, ValueError):
     """A keyword option a backend's structure method does not accept (laplace-torch: the
-    ``TypeError`` of the curvature library it forwards the keyword to)."""
+    ``TypeError`` of the curvature library it forwards the keyword to), or an unknown metric
+    name given as a grid-search ``loss``."""

@@ -54,6 +54,7 @@ from laplace.utils.data import (
     all_finite,
     check_finite_inputs,
 )
+from laplace.utils.distributed import RankReduction
 from laplace.utils.enums import Likelihood
 from laplace.utils.feature_extractor import FeatureReduction
 from laplace.utils.matrix import Kron
@@ -164,21 +165,40 @@ class LLLaplace(LastLayerMixin, ParametricLaplace):
         return super()._prior_mean_vector()
 
     # ------------------------------------------------------------------ fit
-    def fit(self, train_loader: Any, override: bool = True, progress_bar: bool = False) -> None:
+    def fit(
+        self,
+        train_loader: Any,
+        override: bool = True,
+        progress_bar: bool = False,
+        *,
+        distributed: bool | None = None,
+    ) -> None:
         """Fit the curvature of the last layer; finds it on the first batch if not known.
+
+        Across the ranks of a process group (``distributed``, as for
+        :meth:`ParametricLaplace.fit`) the closed-form sums over the features are summed
+        over the ranks like every other curvature.
 
         Raises:
             ValueError: As :meth:`ParametricLaplace.fit`, for a model without an
                 ``nn.Linear`` last layer, or a prior that does not fit the last layer.
         """
-        super().fit(train_loader, override=override, progress_bar=progress_bar)
+        super().fit(
+            train_loader, override=override, progress_bar=progress_bar, distributed=distributed
+        )
 
-    def _fit(self, train_loader: Any, override: bool, progress_bar: bool) -> None:
+    def _fit(
+        self,
+        train_loader: Any,
+        override: bool,
+        progress_bar: bool,
+        reduction: RankReduction | None = None,
+    ) -> None:
         self._find_last_layer(train_loader)
         if self._mean is None:
             self._adopt_last_layer()
         self._folded_fit = None  # known after the first batch
-        super()._fit(train_loader, override, progress_bar)
+        super()._fit(train_loader, override, progress_bar, reduction)
 
     def _set_n_outputs(self, X: Inputs) -> None:
         n_outputs = self.subset.layer.out_features
@@ -344,11 +364,15 @@ class LLLaplace(LastLayerMixin, ParametricLaplace):
             return f_mu, self.functional_variance(Js).diagonal(dim1=-2, dim2=-1)
         return f_mu, self.posterior.inv_quad_linear(phi, bias, diagonal=True)
 
-    def _nn_samples(
-        self, X: Inputs, n_samples: int, generator: torch.Generator | None, **model_kwargs: Any
-    ) -> Tensor:
-        """Outputs at last-layer samples on features computed once, ``(n_samples, batch, out)``."""
-        thetas = self.sample(n_samples, generator)
+    def _kernel_rows_and_outputs(self, X: Inputs) -> tuple[Tensor, Tensor]:
+        f_mu, phi = self._features_for_predictive(X)
+        if self.subset.linear_bias() is None or self.subset.applies_layer(f_mu, phi):
+            return self.subset.jacobians(self.backend, X, self.enable_backprop)
+        return self._whole_model_jacobians(X)
+
+    def _outputs_at(self, X: Inputs, thetas: Tensor, **model_kwargs: Any) -> Tensor:
+        """Outputs at last-layer parameters ``thetas`` on features computed once,
+        ``(n, batch, outputs)``."""
         with nullcontext() if self.enable_backprop else torch.no_grad():
             f, phi = self.subset.features(X, self.enable_backprop, **model_kwargs)
             if self.subset.applies_layer(f, phi):

@@ -7,6 +7,13 @@ training set, ``H ~ U diag(l) U^T``, and the posterior precision
 curvature-vector products summed over the training loader
 (:mod:`laplace.curvature.lanczos`), so the ``(params, params)`` curvature is never formed and
 the memory is ``O(params * max_iter)``; the cost is one pass over the data per Lanczos step.
+
+Where the dense curvature fits in half the memory budget (:mod:`laplace.utils.memory`; about
+11,500 parameters with the default 2 GiB) it is cheaper to sum it in one pass, as
+``FullLaplace`` does, and run the same Lanczos iteration on products with it in memory: the
+fit then costs one pass over the data plus ``O(params^2 * max_iter)`` arithmetic, instead of
+``max_iter`` passes. Both routes compute the top eigenpairs of the same matrix to the
+Lanczos tolerance.
 """
 
 from __future__ import annotations
@@ -17,12 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from laplace.baselaplace import ParametricLaplace
+from laplace.baselaplace import ParametricLaplace, _takes_out
 from laplace.curvature.lanczos import curvature_matvec, default_max_iter, lanczos_eigh
 from laplace.posterior.base import Curvature
 from laplace.posterior.lowrank import LowRankCurvature
 from laplace.utils.data import Inputs
+from laplace.utils.distributed import RankReduction
 from laplace.utils.enums import HessianStructure, Likelihood
+from laplace.utils.memory import get_memory_budget
 
 __all__ = ["LowRankLaplace"]
 
@@ -159,7 +168,14 @@ class LowRankLaplace(ParametricLaplace):
             )
         return backend
 
-    def fit(self, train_loader: Any, override: bool = True, progress_bar: bool = False) -> None:
+    def fit(
+        self,
+        train_loader: Any,
+        override: bool = True,
+        progress_bar: bool = False,
+        *,
+        distributed: bool | None = None,
+    ) -> None:
         """Compute the loss and the top ``n_eigenvalues`` eigenpairs of the curvature.
 
         One pass over ``train_loader`` accumulates the loss, as for every
@@ -172,6 +188,9 @@ class LowRankLaplace(ParametricLaplace):
                 is the number of data points.
             override: Must be ``True``.
             progress_bar: Show a progress bar over the batches of the loss pass.
+            distributed: As for ``ParametricLaplace.fit``: across the ranks of a process
+                group, every rank runs the same Lanczos iteration on curvature-vector
+                products summed over the ranks (one ``all_reduce`` per step).
 
         Raises:
             ValueError: For ``override=False`` (an eigendecomposition cannot be updated with
@@ -182,28 +201,91 @@ class LowRankLaplace(ParametricLaplace):
                 "LowRankLaplace does not support fit(override=False): its eigendecomposition "
                 "cannot be updated with new data; fit again on all the data"
             )
-        super().fit(train_loader, override=True, progress_bar=progress_bar)
+        super().fit(
+            train_loader, override=True, progress_bar=progress_bar, distributed=distributed
+        )
 
-    def _fit(self, train_loader: Any, override: bool, progress_bar: bool) -> None:
-        super()._fit(train_loader, override, progress_bar)
-        self._curvature = self._lanczos_curvature(train_loader)
+    def _fit(
+        self,
+        train_loader: Any,
+        override: bool,
+        progress_bar: bool,
+        reduction: RankReduction | None = None,
+    ) -> None:
+        self._dense_sum = None
+        if self._dense_route():
+            dtype = self._accumulation_dtype
+            n = self.n_params
+            self._dense_sum = torch.zeros(n, n, device=self._device, dtype=dtype)
+        try:
+            super()._fit(train_loader, override, progress_bar, reduction)
+            if self._dense_sum is not None and reduction is not None:
+                reduction.sum_([self._dense_sum])
+            self._curvature = self._lanczos_curvature(train_loader, reduction)
+        finally:
+            self._dense_sum = None
         self._posterior_cache = None
 
+    def _dense_route(self) -> bool:
+        """Whether the dense curvature fits in half the memory budget
+        (:mod:`laplace.utils.memory`): then one pass sums it, as for ``FullLaplace``, and the
+        Lanczos iteration multiplies with it in memory instead of passing over the data."""
+        itemsize = torch.empty((), dtype=self._accumulation_dtype).element_size()
+        return self.n_params**2 * itemsize <= get_memory_budget() // 2
+
     def _curvature_step(self, X: Inputs, y: Tensor, n_data: int) -> tuple[Tensor, None]:
-        """The batch loss only; the curvature is computed after the pass."""
+        """The batch loss; on the dense route the batch's curvature is added to the dense
+        sum, otherwise the curvature is computed after the pass."""
+        backend, options = self.backend, self._asdl_fisher_kwargs
+        if self._dense_sum is not None:
+            if _takes_out(backend.full):
+                loss, _ = backend.full(X, y, N=n_data, out=self._dense_sum, **options)
+            else:
+                loss, H = backend.full(X, y, N=n_data, **options)
+                self._dense_sum.add_(H.to(self._dense_sum.dtype))
+            return loss, None
         with torch.no_grad():
             f = self.model(X)
-        backend = self.backend
         y = backend._check_targets(y, f)
         return backend.factor * backend.lossfunc(f, y), None
+
+    def _finish_batches(self, H_new: Curvature, n_data: int) -> None:
+        if self._dense_sum is not None:
+            flush = getattr(self.backend, "flush_sums", None)
+            if callable(flush):
+                flush()
+            if not torch.isfinite(self._dense_sum).all():
+                raise ValueError(
+                    "the curvature contains NaN or Inf values; check the model (outputs and "
+                    "parameters) and the data for NaN, Inf or overflow"
+                )
 
     def _merge_fit(self, H_new: Curvature, n_data: int) -> None:
         """Nothing to merge: ``fit`` replaces ``H`` after the loss pass."""
 
-    def _lanczos_curvature(self, train_loader: Any) -> LowRankCurvature:
-        matvec = curvature_matvec(
-            self.backend, train_loader, self.n_data, self._asdl_fisher_kwargs
-        )
+    def _reduce_curvature(self, H_new: Curvature, reduction: RankReduction) -> None:
+        """Nothing to sum: the eigenpairs come from products summed over the ranks."""
+
+    def _lanczos_curvature(
+        self, train_loader: Any, reduction: RankReduction | None = None
+    ) -> LowRankCurvature:
+        if self._dense_sum is not None and self.lanczos_max_iter >= self.n_params:
+            # the Krylov space would be the whole space: the exact eigenpairs are cheaper
+            eigenvalues, eigenvectors = torch.linalg.eigh(self._dense_sum)
+            order = eigenvalues.argsort(descending=True)[: self.n_eigenvalues]
+            return self._low_rank(eigenvalues[order], eigenvectors[:, order])
+        if self._dense_sum is not None:
+            dense = self._dense_sum
+
+            def matvec(v: Tensor) -> Tensor:
+                return dense @ v
+
+        else:
+            matvec = curvature_matvec(
+                self.backend, train_loader, self.n_data, self._asdl_fisher_kwargs
+            )
+            if reduction is not None:
+                matvec = reduction.summed_matvec(matvec)
         generator = torch.Generator(device=self._device).manual_seed(self.lanczos_seed)
         eigenvalues, eigenvectors = lanczos_eigh(
             matvec,
@@ -215,6 +297,9 @@ class LowRankLaplace(ParametricLaplace):
             tol=self.lanczos_tol,
             generator=generator,
         )
+        return self._low_rank(eigenvalues, eigenvectors)
+
+    def _low_rank(self, eigenvalues: Tensor, eigenvectors: Tensor) -> LowRankCurvature:
         curvature = LowRankCurvature(
             eigenvectors, self._clamp(eigenvalues), self.subset.sizes, dtype=self._dtype
         )

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from laplace.baselaplace import ParametricLaplace
 from laplace.laplace import Laplace
 from laplace.utils.data import dataset_size, unpack_batch
+from laplace.utils.distributed import RankReduction
 from laplace.utils.enums import (
     HessianStructure,
     Likelihood,
@@ -82,6 +83,8 @@ def marglik_training(
     enable_backprop: bool = False,
     dict_key_x: str = "input_ids",
     dict_key_y: str = "labels",
+    *,
+    distributed: bool | None = None,
 ) -> tuple[ParametricLaplace, nn.Module, list[float], list[float]]:
     """Train ``model`` and its prior precision (and noise) jointly (Immer et al., 2021).
 
@@ -124,6 +127,14 @@ def marglik_training(
             differentiable w.r.t. its input.
         dict_key_x: Key of the inputs in dict-like batches.
         dict_key_y: Key of the targets in dict-like batches.
+        distributed: Train and fit across the ranks of the initialised ``torch.distributed``
+            process group, with ``model`` a ``DistributedDataParallel`` and each rank's
+            ``train_loader`` over its shard (a ``DistributedSampler``): ``N`` is the number
+            of data points of all ranks, the Laplace approximations are fitted across the
+            ranks on the wrapped network, and ``losses`` are means over all ranks, so every
+            rank takes the same hyperparameter steps. None (the default) does so when the
+            group has more than one rank, True requires a group, False trains and fits on
+            this rank's data only (as ``Laplace.fit``'s ``distributed``).
 
     Returns:
         ``(la, model, margliks, losses)``: the fitted Laplace approximation with the best
@@ -142,9 +153,10 @@ def marglik_training(
             ``prior_structure="diag"`` with ``"kron"``, a backend that cannot compute the
             structure, or a loader without a data set.
     """
+    reduction = RankReduction.resolve(distributed)
     setup = _Setup.create(
         model, train_loader, likelihood, hessian_structure, backend, prior_structure,
-        prior_prec_init, sigma_noise_init, temperature, dict_key_x, dict_key_y,
+        prior_prec_init, sigma_noise_init, temperature, dict_key_x, dict_key_y, reduction,
     )  # fmt: skip
     _check_schedule(n_epochs, n_epochs_burnin, n_hypersteps, marglik_frequency, lr_hyp)
     hyper = _Hyperparameters(setup, prior_prec_init, sigma_noise_init, fix_sigma_noise, lr_hyp)
@@ -163,7 +175,7 @@ def marglik_training(
         losses.append(_train_epoch(setup, hyper, optimizer, scheduler))
         if epoch > n_epochs_burnin and epoch % marglik_frequency == 0:
             la = setup.laplace(hyper)
-            la.fit(train_loader)
+            la.fit(train_loader, distributed=reduction is not None)
             margliks.extend(_hyperparameter_steps(la, hyper, n_hypersteps))
             best.update(margliks[-1], model, la)
             epochs.set_postfix(loss=losses[-1], neg_log_marglik=margliks[-1])
@@ -173,7 +185,7 @@ def marglik_training(
     la = best.restore(model)
     if la is None:
         la = initial_la
-        la.fit(train_loader)
+        la.fit(train_loader, distributed=reduction is not None)
     la.enable_backprop = bool(enable_backprop)
     model.eval()
     return la, model, margliks, losses
@@ -194,6 +206,7 @@ class _Setup:
     dict_key_y: str
     n_data: int
     params: list[nn.Parameter]
+    reduction: RankReduction | None = None
 
     @classmethod
     def create(
@@ -209,8 +222,10 @@ class _Setup:
         temperature: float,
         dict_key_x: str,
         dict_key_y: str,
+        reduction: RankReduction | None = None,
     ) -> _Setup:
-        """Parse and check the options (see :func:`marglik_training`)."""
+        """Parse and check the options (see :func:`marglik_training`); ``reduction`` sums
+        over the ranks of a process group."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         likelihood = _parse_choice(Likelihood, likelihood, "likelihood", _LIKELIHOODS)
@@ -237,9 +252,13 @@ class _Setup:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model has no parameters with requires_grad=True")
+        if reduction is None:
+            n_data = dataset_size(train_loader)
+        else:
+            n_data = reduction.data_size(train_loader, params[0].device)
         return cls(
             model, train_loader, likelihood, structure, backend, prior_structure,
-            float(temperature), dict_key_x, dict_key_y, dataset_size(train_loader), params,
+            float(temperature), dict_key_x, dict_key_y, n_data, params, reduction,
         )  # fmt: skip
 
     @property
@@ -356,6 +375,8 @@ def _train_epoch(
         if scheduler is not None:
             scheduler.step()
         total = total + loss.detach().to(total.dtype) * y.shape[0]
+    if setup.reduction is not None:
+        setup.reduction.sum_([total])
     return float(total) / setup.n_data
 
 

@@ -1,9 +1,9 @@
 """The all-weights Laplace classes of the grid, one per Hessian structure.
 
 Each declares its structure object (:mod:`laplace.posterior`) and, where the structure allows
-it, the layer-by-layer GLM variance of networks of ``nn.Linear`` layers; the algorithm is
-:class:`~laplace.baselaplace.ParametricLaplace`'s. Split from :mod:`laplace.baselaplace` to
-keep the shared algorithm and the per-structure details apart.
+it, the layer-by-layer GLM variance of networks of ``nn.Linear`` and ``nn.Conv2d`` layers;
+the algorithm is :class:`~laplace.baselaplace.ParametricLaplace`'s. Split from
+:mod:`laplace.baselaplace` to keep the shared algorithm and the per-structure details apart.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from laplace.posterior.dense import DenseCurvature
 from laplace.posterior.diag import DiagCurvature
 from laplace.posterior.kron import KronCurvature
 from laplace.utils.enums import HessianStructure, Likelihood
-from laplace.utils.linear_jacobians import factored_diagonal_variance
+from laplace.utils.linear_jacobians import factored_diagonal_variance, map_factors
 from laplace.utils.matrix import Kron, KronDecomposed
 
 __all__ = ["FullLaplace", "DiagLaplace", "KronLaplace"]
@@ -40,7 +40,7 @@ class DiagLaplace(ParametricLaplace):
 
     def _factored_variance(self, factors: list[tuple[Tensor, ...]]) -> Tensor:
         variance = self.posterior_variance  # the model's dtype, or higher when precise
-        factors = [tuple(t.to(variance.dtype) for t in block) for block in factors]
+        factors = map_factors(factors, lambda t: t.to(variance.dtype))
         return factored_diagonal_variance(factors, variance)
 
 

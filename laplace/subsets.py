@@ -67,6 +67,44 @@ class AllWeights:
         }
         return functional_call(self.model, replaced, (X,), model_kwargs)
 
+    def output_rows(self, X: Tensor, outputs: slice) -> Tensor:
+        """Per-sample Jacobian rows of the outputs ``outputs`` only, by reverse mode
+        (``torch.func.vmap`` over the samples of ``jacrev``): ``(batch, k, params)`` for
+        ``k`` selected outputs, never the rows of the others.
+
+        Shapes:
+            ``X (batch, ...) -> (batch, k, params)``
+        """
+        primals = {name: p.detach() for name, p in self.named_params.items()}
+
+        def selected(params: dict[str, Tensor], x: Tensor) -> Tensor:
+            return functional_call(self.model, params, (x.unsqueeze(0),))[0, outputs]
+
+        rows = torch.func.vmap(torch.func.jacrev(selected), in_dims=(None, 0))(primals, X)
+        return torch.cat([rows[name].flatten(2) for name in primals], dim=2)
+
+    def linearized_at(self, X: Inputs, deltas: Tensor) -> Tensor:
+        """``f(X) + J(X) delta`` for each row ``delta`` by forward-mode Jacobian-vector
+        products (``torch.func.jvp``), never forming ``J``: about the cost of two forward
+        passes per row and the memory of one.
+
+        Shapes:
+            ``deltas (n, params) -> (n, batch, outputs)``
+        """
+        names = list(self.named_params)
+        primals = {name: p.detach() for name, p in self.named_params.items()}
+
+        def output(params: dict[str, Tensor]) -> Tensor:
+            return functional_call(self.model, params, (X,))
+
+        outs = []
+        for delta in deltas:
+            chunks = torch.split(delta.to(self.params[0].dtype), self.sizes)
+            tangents = {n: c.view_as(primals[n]) for n, c in zip(names, chunks)}
+            f, directional = torch.func.jvp(output, (primals,), (tangents,))
+            outs.append(f + directional)
+        return torch.stack(outs)
+
 
 class LastLayer:
     """The trainable parameters of the last ``nn.Linear`` layer of a feature extractor.
@@ -399,3 +437,21 @@ class Subnetwork:
     def forward_at(self, X: Inputs, theta: Tensor, **model_kwargs: Any) -> Tensor:
         """Evaluate the model at the full trainable-parameter vector ``theta``."""
         return self.all_weights.forward_at(X, theta, **model_kwargs)
+
+    def output_rows(self, X: Tensor, outputs: slice) -> Tensor:
+        """The subnetwork's columns of :meth:`AllWeights.output_rows`.
+
+        Shapes:
+            ``X (batch, ...) -> (batch, k, n_params_subnet)``
+        """
+        return self.all_weights.output_rows(X, outputs).index_select(-1, self.indices)
+
+    def linearized_at(self, X: Inputs, deltas: Tensor) -> Tensor:
+        """``f(X) + J(X) delta`` for subnetwork directions ``delta`` by Jacobian-vector
+        products (see :meth:`AllWeights.linearized_at`).
+
+        Shapes:
+            ``deltas (n, n_params_subnet) -> (n, batch, outputs)``
+        """
+        zeros = deltas.new_zeros(self.n_model_params)
+        return self.all_weights.linearized_at(X, self.embed(zeros, deltas))

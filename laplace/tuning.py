@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
+import math
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any
 
 import torch
 from torch import Tensor
+from torchmetrics import Metric
 from tqdm.auto import tqdm
 
+from laplace.evaluation.streaming import get_metric
 from laplace.posterior.base import NotPositiveDefiniteError
+from laplace.utils.distributed import RankReduction, group_active
 from laplace.utils.enums import (
     LinkApprox,
     PredType,
@@ -26,6 +30,9 @@ class PriorTuningMixin:
     """``optimize_prior_precision`` for any Laplace class with a marginal likelihood."""
 
     _predictive_memo: PredictiveMemo | None = None
+    _fitted_across_ranks: bool = False
+    """Whether the last fit was summed over the ranks of a process group; a gridsearch then
+    tunes on the validation data of all ranks (see :meth:`_gridsearch`)."""
 
     def _memo(self, kind: str, X: Any, compute: Callable[[], Any]) -> Any:
         """``compute()``, memoized per input during a gridsearch (not with backprop)."""
@@ -42,7 +49,7 @@ class PriorTuningMixin:
         init_prior_prec: float | Tensor = 1.0,
         prior_structure: PriorStructure | str = PriorStructure.SCALAR,
         val_loader: Any = None,
-        loss: Callable | None = None,
+        loss: str | Metric | type | Callable | None = None,
         log_prior_prec_min: float = -4,
         log_prior_prec_max: float = 4,
         grid_size: int = 100,
@@ -51,6 +58,7 @@ class PriorTuningMixin:
         verbose: bool = False,
         progress_bar: bool = False,
         log_prior_prec_base: float = 10.0,
+        refine: int = 0,
     ) -> None:
         """Tune the prior precision after ``fit``.
 
@@ -62,9 +70,31 @@ class PriorTuningMixin:
         and keeps the best. The default loss is the NLL for classification and the MSE for
         regression.
 
+        ``loss`` may also be a metric name (``"ece"``, ``"mce"``, ``"nll"``, ``"brier"``,
+        ``"accuracy"`` for classification; ``"mse"``, ``"rmse"``, ``"nll"``/``"gaussian_nll"``,
+        ``"crps"`` for regression; see :func:`laplace.evaluation.get_metric`) or a metric
+        class, instantiated without arguments. A metric whose ``higher_is_better`` is True
+        (accuracy) is maximised. Metrics with ``needs_variance`` get the predictive variance
+        of the targets, ``f_var`` plus ``sigma_noise**2`` (see :func:`laplace.utils.validate`).
+        With ``refine > 0`` the search continues on ``refine`` log-spaced precisions strictly
+        between the grid neighbours of the best grid value (on the same memoised predictive)
+        and keeps a refined value only if it is strictly better.
+
+        After a fit across the ranks of a process group, each rank passes its shard of the
+        validation data (a ``DistributedSampler``): a ``torchmetrics`` metric sums its states
+        over the ranks when computed, a callable ``loss`` is taken to be a mean over the
+        targets and averaged over the ranks weighted by their number of targets, and rank
+        0's choice is broadcast, so that every rank keeps the same prior precision. After a
+        fit per rank the default metrics are computed per rank (pass a metric with
+        ``sync_on_compute=False`` to tune per rank with your own).
+
         Raises:
-            ValueError: For unknown option strings, a missing ``val_loader`` for grid search,
-                or non-positive step counts.
+            ValueError: For unknown option strings or metric names (the latter an
+                :class:`~laplace.errors.UnknownOptionError` listing the accepted names), a
+                missing ``val_loader`` for grid search, non-positive step counts or a
+                negative ``refine``.
+            TypeError: For a ``loss`` that is none of the accepted kinds, or a ``refine``
+                that is not an integer.
         """
         method = parse_enum(TuningMethod, method, "method")
         pred_type = parse_enum(PredType, pred_type, "pred_type")
@@ -80,9 +110,10 @@ class PriorTuningMixin:
             grid = self._prior_grid(
                 val_loader, log_prior_prec_min, log_prior_prec_max, grid_size, log_prior_prec_base
             )
-            loss = self._default_val_loss() if loss is None else loss
+            refine = _check_refine(refine)
+            loss = self._val_loss(loss)
             self.prior_precision = self._gridsearch(
-                grid, val_loader, loss, pred_type, link_approx, n_samples, progress_bar
+                grid, val_loader, loss, pred_type, link_approx, n_samples, progress_bar, refine
             )
         if verbose:
             print(f"optimized prior precision: {self.prior_precision}")
@@ -129,9 +160,35 @@ class PriorTuningMixin:
         from laplace.utils.enums import Likelihood
         from laplace.utils.metrics import RunningNLLMetric
 
+        sync = self._fitted_across_ranks  # torchmetrics sums over the ranks when computing
         if self.likelihood == Likelihood.REGRESSION:
-            return MeanSquaredError(num_outputs=self.n_outputs).to(self._device)
-        return RunningNLLMetric().to(self._device)
+            metric = MeanSquaredError(num_outputs=self.n_outputs, sync_on_compute=sync)
+            return metric.to(self._device)
+        return RunningNLLMetric(sync_on_compute=sync).to(self._device)
+
+    def _val_loss(self, loss: str | Metric | type | Callable | None) -> Callable:
+        """The gridsearch's loss: the default, a named metric, an instance of a metric class,
+        or ``loss`` itself (a metric object or a callable).
+
+        Raises:
+            UnknownOptionError: For an unknown metric name (a ``ValueError``).
+            TypeError: For a ``loss`` that is none of these.
+        """
+        if loss is None:
+            return self._default_val_loss()
+        if isinstance(loss, str):
+            sync = self._fitted_across_ranks
+            metric = get_metric(loss, self.likelihood, self.n_outputs, sync_on_compute=sync)
+            return metric.to(self._device)
+        if isinstance(loss, type):
+            loss = loss()
+            return loss.to(self._device) if isinstance(loss, Metric) else loss
+        if not callable(loss):
+            raise TypeError(
+                "loss must be a metric name, a torchmetrics Metric (object or class) or a "
+                f"callable loss(means, targets), got {type(loss).__name__}"
+            )
+        return loss
 
     def _gridsearch(
         self,
@@ -142,6 +199,7 @@ class PriorTuningMixin:
         link_approx: LinkApprox,
         n_samples: int,
         progress: bool,
+        refine: int = 0,
     ) -> Tensor:
         # One pass over the loader, inputs moved to the model's device once: the same input
         # tensors come back at every grid point, so the prior-independent part of the GLM
@@ -154,29 +212,87 @@ class PriorTuningMixin:
         self._predictive_memo = memo
         if curvature is not None:
             curvature.memo = memo
-        best_value, best_loss = grid[0], float("inf")
+        reduction = RankReduction() if self._fitted_across_ranks and group_active() else None
+        n_targets = None
+        if reduction is not None and not isinstance(loss, Metric):
+            n_targets = _count_targets(batches, self.dict_key_y)
+        options = {"pred_type": pred_type, "link_approx": link_approx, "n_samples": n_samples}
+        sign = -1.0 if getattr(loss, "higher_is_better", None) is True else 1.0
+
+        def score(prior_prec: Tensor) -> float:
+            """The loss to minimise at ``prior_prec``; inf where it fails or is NaN."""
+            self.prior_precision = prior_prec
+            result = self._validation_loss(batches, loss, options)
+            if n_targets is not None:  # a callable's mean over this rank's targets
+                result = reduction.weighted_mean(result, n_targets, self._device)
+            return sign * result if math.isfinite(result) else float("inf")
+
+        best_value, best_loss, best_index = grid[0], float("inf"), 0
         try:
-            for prior_prec in tqdm(grid, desc="gridsearch", disable=not progress):
-                self.prior_precision = prior_prec
-                try:
-                    result = validate(
-                        self,
-                        batches,
-                        loss,
-                        pred_type=pred_type,
-                        link_approx=link_approx,
-                        n_samples=n_samples,
-                        dict_key_y=self.dict_key_y,
-                    )
-                except (RuntimeError, NotPositiveDefiniteError):
-                    result = float("inf")  # a prior too weak for the curvature: skip it
+            progress_grid = tqdm(grid, desc="gridsearch", disable=not progress)
+            for index, prior_prec in enumerate(progress_grid):
+                result = score(prior_prec)
+                if result < best_loss:
+                    best_value, best_loss, best_index = prior_prec, result, index
+            for prior_prec in _refined_grid(grid, best_index, refine):
+                result = score(prior_prec)
                 if result < best_loss:
                     best_value, best_loss = prior_prec, result
         finally:
             self._predictive_memo = None
             if curvature is not None:
                 curvature.memo = None
+        if reduction is not None:  # the same choice on every rank, whatever the loss
+            best_value = reduction.broadcast_(best_value.clone().reshape(1)).reshape(())
         return best_value
+
+    def _validation_loss(
+        self, batches: list[Any], loss: Callable, options: dict[str, Any]
+    ) -> float:
+        """The validation loss at the current prior precision; inf where it fails."""
+        try:
+            return validate(self, batches, loss, dict_key_y=self.dict_key_y, **options)
+        except (RuntimeError, NotPositiveDefiniteError):
+            return float("inf")  # a prior too weak for the curvature: skip it
+
+
+def _check_refine(refine: object) -> int:
+    """``refine`` as a non-negative ``int``.
+
+    Raises:
+        TypeError: If ``refine`` is not an integer.
+        ValueError: If ``refine`` is negative.
+    """
+    if isinstance(refine, bool) or not isinstance(refine, int):
+        raise TypeError(f"refine must be an integer, got {type(refine).__name__} {refine!r}")
+    if refine < 0:
+        raise ValueError(f"refine must be a non-negative integer, got {refine!r}")
+    return refine
+
+
+def _refined_grid(grid: Tensor, best: int, size: int) -> Tensor:
+    """``size`` log-spaced values strictly between the neighbours of ``grid[best]``.
+
+    At an end of the grid the interval is ``grid[best]`` and its one neighbour.
+
+    Shapes:
+        ``grid (grid_size,) -> (size,)``, empty for ``size = 0`` or a grid of one value
+    """
+    low, high = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+    if size == 0 or not high > low:
+        return grid[:0]
+    ends = (math.log(float(low)), math.log(float(high)))
+    exponents = torch.linspace(*ends, size + 2, device=grid.device, dtype=grid.dtype)
+    return exponents[1:-1].exp()
+
+
+def _count_targets(batches: Iterable[Any], dict_key_y: str) -> int:
+    """The number of targets (rows) in ``(X, y)`` or dict-like batches."""
+    total = 0
+    for batch in batches:
+        y = batch[dict_key_y] if isinstance(batch, MutableMapping) else batch[1]
+        total += len(y)
+    return total
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

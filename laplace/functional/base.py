@@ -48,6 +48,7 @@ from laplace.utils.data import (
     dataset_size,
 )
 from laplace.utils.enums import HessianStructure, Likelihood, PredType, parse_enum
+from laplace.utils.memory import get_memory_budget, rows_within_budget
 
 __all__ = [
     "BaseFunctionalLaplace",
@@ -160,10 +161,30 @@ class BaseFunctionalLaplace(BaseLaplace):
     def _glm_predictive_distribution(
         self, X: Inputs, joint: bool = False
     ) -> tuple[Tensor, Tensor]:
+        """The GP moments at ``X``, from the Jacobians of the whole batch or, beyond the
+        memory budget (:mod:`laplace.utils.memory`), of blocks of inputs (the joint
+        covariance then comes from the kernel's block pairs).
+
+        Raises:
+            MemoryBudgetError: If the Jacobian of one input exceeds the budget.
+        """
         if not self.enable_backprop:
             check_finite_inputs(X)
-        Js, f_mu = self._jacobians(X)
-        return self._moments_from(Js, f_mu, joint)
+        n, C = batch_size(X, self.dict_key_x), self.n_outputs or 1
+        per_input = C * self.n_params * torch.empty((), dtype=self._dtype).element_size()
+        if n * per_input <= get_memory_budget():
+            Js, f_mu = self._jacobians(X)
+            return self._moments_from(Js, f_mu, joint)
+        block = rows_within_budget(per_input, f"the Jacobian of {type(self).__name__}")
+        from laplace.kernel import PosteriorKernel, input_chunks
+
+        chunks = list(input_chunks(X, max(1, block // 2) if joint else block, self.dict_key_x))
+        if joint:
+            f_mu = torch.cat([self._jacobians(chunk)[1] for chunk in chunks])
+            K = PosteriorKernel(self, max(1, block // 2), max_cached_entries=1)(X)
+            return f_mu.reshape(-1), K.permute(0, 2, 1, 3).reshape(n * C, n * C)
+        parts = [self._moments_from(*self._jacobians(chunk), False) for chunk in chunks]
+        return torch.cat([f for f, _ in parts]), torch.cat([v for _, v in parts])
 
     def predictive_moments(self, x: Inputs, *, joint: bool = False) -> tuple[Tensor, Tensor]:
         """The GP posterior mean and covariance of the outputs at ``x`` (no observation noise).
@@ -179,6 +200,17 @@ class BaseFunctionalLaplace(BaseLaplace):
         self._check_nonempty(x)
         with self._explained_input_errors(x):
             return self._glm_predictive_distribution(x, joint=joint)
+
+    def _kernel_rows_and_outputs(self, X: Inputs) -> tuple[Tensor, Tensor]:
+        return self._jacobians(X)
+
+    def _kernel_cross(self, R1: Tensor, R2: Tensor) -> Tensor:
+        """The off-diagonal block of the joint posterior covariance of the stacked rows (the
+        kernel is in the span of the Jacobians, so stacking costs only the block sizes)."""
+        rows = torch.cat([R1, R2.to(R1.dtype)])
+        joint = self._moments_from(rows, rows.new_zeros(rows.shape[:2]), joint=True)[1]
+        split = R1.shape[0] * R1.shape[1]
+        return joint[:split, split:]
 
     def functional_variance(self, Js: Tensor) -> Tensor:
         """Posterior covariance of the outputs per input, from its Jacobians.

@@ -72,6 +72,7 @@ from laplace.functional.nystrom import (
 from laplace.functional.validation import grid_search, mean_nll
 from laplace.posterior.base import expand_prior
 from laplace.utils.data import Inputs, check_finite_inputs
+from laplace.utils.distributed import refuse_across_ranks
 from laplace.utils.enums import Likelihood, LinkApprox, PredType, TuningMethod, parse_enum
 from laplace.utils.precision import gram
 
@@ -185,6 +186,7 @@ class ELLA(BaseFunctionalLaplace):
         val_steps: int | None = None,
         balanced: bool = False,
         progress_bar: bool = False,
+        distributed: bool | None = None,
     ) -> None:
         """Build the Nyström basis from a subsample and the posterior from one pass.
 
@@ -201,13 +203,19 @@ class ELLA(BaseFunctionalLaplace):
             balanced: Draw the subsample round-robin over the classes (classification and
                 reward modelling), each class in an order drawn from ``seed``.
             progress_bar: Show a progress bar over the pass.
+            distributed: Must resolve to a fit per rank: False, or None without a process
+                group of several ranks (ELLA does not sum its fit over ranks).
 
         Raises:
             ValueError: For ``override=False``, a bad ``val_steps``, ``balanced`` for
                 regression, ``subsample_size`` above the data set size, ``n_eigenvalues``
                 above the number of kernel rows or the numerical rank of the subsample's
-                kernel, and for bad data.
+                kernel, for bad data, and within a process group of several ranks unless
+                ``distributed=False``.
         """
+        refuse_across_ranks(
+            type(self).__name__, distributed, "summing its Gram over the ranks is not implemented"
+        )
         self._check_override(override, "its Nyström basis cannot be updated")
         if val_steps is not None:
             positive_int(val_steps, "val_steps")
@@ -344,6 +352,25 @@ class ELLA(BaseFunctionalLaplace):
         psi, f_mu = self._features(X)
         f_var = self.posterior.covariance(psi, joint)
         return (f_mu.reshape(-1) if joint else f_mu), f_var
+
+    def _kernel_row_bytes(self) -> int:
+        itemsize = torch.empty((), dtype=self._dtype).element_size()
+        return (self.n_outputs or 1) * self.dual_directions.shape[1] * itemsize
+
+    def _kernel_rows_and_outputs(self, X: Inputs) -> tuple[Tensor, Tensor]:
+        """The features ``psi = J U`` (the kernel is ``psi Sigma psi^T``) and outputs."""
+        return self._features(X)
+
+    def _kernel_cross(self, R1: Tensor, R2: Tensor) -> Tensor:
+        root = self.posterior.inverse_root  # L^-1 with L L^T = A
+        Z1, Z2 = (R.flatten(0, 1).to(root.dtype) @ root.mT for R in (R1, R2))
+        return (Z1 @ Z2.mT).to(self._dtype)
+
+    def _function_deltas(self, n_samples: int, generator: torch.Generator | None) -> Tensor:
+        """Feature weights ``w ~ N(0, A^-1)`` (``psi(x) w`` is a posterior function)."""
+        root = self.posterior.inverse_root  # L^-1, so z L^-1 has covariance A^-1
+        noise = torch.randn(n_samples, root.shape[0], generator=generator, device=root.device)
+        return (noise.to(root.dtype) @ root).to(self._dtype)
 
     def _moments_from(self, Js: Tensor, f_mu: Tensor, joint: bool) -> tuple[Tensor, Tensor]:
         if Js.ndim != 3 or Js.shape[-1] != self.n_params:

@@ -50,6 +50,7 @@ from laplace.functional.base import (
 )
 from laplace.last_layer import LastLayerMixin
 from laplace.posterior.base import expand_prior
+from laplace.utils.distributed import RankReduction
 from laplace.utils.enums import Likelihood
 from laplace.utils.feature_extractor import FeatureReduction
 from laplace.utils.precision import gram
@@ -129,7 +130,14 @@ class FunctionalLaplace(EvidenceMixin, BaseFunctionalLaplace):
         self.subset_indices: Tensor | None = None
 
     # ----------------------------------------------------------------- fit
-    def fit(self, train_loader: Any, override: bool = True, progress_bar: bool = False) -> None:
+    def fit(
+        self,
+        train_loader: Any,
+        override: bool = True,
+        progress_bar: bool = False,
+        *,
+        distributed: bool | None = None,
+    ) -> None:
         """Fit the GP posterior on ``n_subset`` points of ``train_loader.dataset``.
 
         One pass over the whole loader sums the training loss (for the marginal likelihood);
@@ -141,21 +149,33 @@ class FunctionalLaplace(EvidenceMixin, BaseFunctionalLaplace):
             train_loader: A ``DataLoader`` over a map-style dataset.
             override: Must be ``True`` (a subset-of-data posterior cannot be updated).
             progress_bar: Show progress bars over both passes.
+            distributed: As for ``ParametricLaplace.fit``. Across the ranks of a process
+                group every rank's loader must be over the same data set (a
+                ``DistributedSampler`` shards it): the subset is drawn from it alike on every
+                rank, and the loss pass is summed over the shards.
 
         Raises:
             ValueError: For ``override=False``, ``n_subset`` above the data set size, a loader
-                without ``dataset``, and for bad data as ``ParametricLaplace.fit``.
+                without ``dataset``, and for bad data as ``ParametricLaplace.fit``; across
+                ranks, for data sets of different sizes.
+            RuntimeError: Across ranks, if the fit raised on another rank.
         """
         self._check_override(override, "the subset of data cannot be updated")
+        reduction = RankReduction.resolve(distributed)
         with self._unchanged_on_failure():
-            self._fit(train_loader, progress_bar)
+            self._fit(train_loader, progress_bar, reduction)
 
-    def _fit(self, train_loader: Any, progress_bar: bool) -> None:
+    def _fit(
+        self, train_loader: Any, progress_bar: bool, reduction: RankReduction | None = None
+    ) -> None:
         n_data = checked_data_size(train_loader, self.n_subset, "n_subset")
         self.model.eval()
         self._prepare(train_loader)
         self.mean = self.subset.mean()
-        loss = self._loss_pass(train_loader, progress_bar)
+        if reduction is None:
+            loss = self._loss_pass(train_loader, progress_bar)
+        else:
+            loss = self._loss_across_ranks(train_loader, progress_bar, n_data, reduction)
         generator = torch.Generator().manual_seed(self.seed)
         indices = torch.randperm(n_data, generator=generator)[: self.n_subset].sort().values
         Js, roots = self._subset_pass(subset_loader(train_loader, indices), progress_bar)
@@ -163,7 +183,33 @@ class FunctionalLaplace(EvidenceMixin, BaseFunctionalLaplace):
         self._subset_jacobians, self._roots = Js, roots
         self._layer_grams = self._grams(Js.flatten(0, 1), Js.flatten(0, 1))
         self._loss, self.n_data = loss, n_data
+        self._fitted_across_ranks = reduction is not None
         self._posterior_cache = None
+
+    def _loss_across_ranks(
+        self, train_loader: Any, progress_bar: bool, n_data: int, reduction: RankReduction
+    ) -> Tensor:
+        """The loss pass over this rank's shard, summed over the ranks (one collective).
+
+        Raises:
+            ValueError: If the ranks' data sets differ in size (the sums of ``n`` and ``n^2``
+                show it on every rank alike).
+        """
+        sums = reduction.sum_after(
+            lambda: [self._loss_pass(train_loader, progress_bar), n_data, n_data**2],
+            3,
+            self._device,
+            self._accumulation_dtype,
+        )
+        loss, n_sum, n_square_sum = sums
+        if reduction.world_size * n_square_sum != n_sum**2:
+            raise ValueError(
+                f"{type(self).__name__} fits across ranks on one data set sharded by a "
+                "DistributedSampler: every rank's len(train_loader.dataset) must be the same, "
+                f"they sum to {int(n_sum)} over {reduction.world_size} ranks (this rank: "
+                f"{n_data})"
+            )
+        return loss
 
     def _prepare(self, train_loader: Any) -> None:
         """Hook before the passes (the last-layer class finds its layer here)."""
@@ -306,6 +352,35 @@ class FunctionalLaplace(EvidenceMixin, BaseFunctionalLaplace):
         per_sample = V.reshape(V.shape[0], batch, C)
         reduction = torch.einsum("rbc,rbd->bcd", per_sample, per_sample)
         return f_mu, (self._self_kernel(Js) - reduction).to(dtype)
+
+    def _function_deltas(self, n_samples: int, generator: torch.Generator | None) -> Tensor:
+        """Weight-space samples ``delta`` with ``J(x) delta`` distributed as the GP posterior,
+        by Matheron's rule (Wilson et al., ICML 2020): with ``A = R J_S`` the subset's
+        whitened Jacobian rows, ``theta_0 ~ N(0, P0^-1)`` and ``eps ~ N(0, I / h)``,
+        ``delta = theta_0 + h P0^-1 A^T B^-1 (eps - A theta_0)``, whose pushforward has the
+        covariance ``K - h K_xS R^T B^-1 R K_Sx`` of :meth:`_moments_from`.
+
+        Raises:
+            NotImplementedError: With ``independent_outputs`` (its kernel is not of the form
+                ``J P0^-1 J^T``).
+        """
+        if self.independent_outputs:
+            raise NotImplementedError(
+                "joint function samples need the kernel J P0^-1 J^T; independent_outputs "
+                "drops its cross-output terms"
+            )
+        dtype, posterior = self._accumulation_dtype, self.posterior
+        variance = expand_prior(1 / self.prior_precision.to(dtype), self.subset.sizes)
+        A = torch.einsum("mkc,mcp->mkp", posterior.R, self._subset_jacobians.to(dtype))
+        A = A.flatten(0, 1)
+        device = variance.device
+        theta_0 = torch.randn(n_samples, len(variance), generator=generator, device=device)
+        theta_0 = theta_0.to(dtype) * variance.sqrt()
+        noise = torch.randn(n_samples, A.shape[0], generator=generator, device=device)
+        scale = self._scale.to(dtype)
+        residual = noise.to(dtype) / scale.sqrt() - theta_0 @ A.mT
+        solved = torch.cholesky_solve(residual.mT, posterior.chol).mT
+        return (theta_0 + scale * (solved @ A) * variance).to(self._dtype)
 
     def _self_kernel(self, Js: Tensor) -> Tensor:
         """``k(x_b, x_b) = J_b P0^-1 J_b^T`` per input (diagonal with independent outputs).

@@ -59,6 +59,7 @@ from laplace.functional.variational import (
     targets,
 )
 from laplace.utils.data import Inputs, dataset_size
+from laplace.utils.distributed import refuse_across_ranks
 from laplace.utils.enums import Likelihood
 
 __all__ = ["VaLLA"]
@@ -274,6 +275,7 @@ class VaLLA(TrainableHyperparameters, BaseFunctionalLaplace):
         val_steps: int | None = None,
         progress_bar: bool = False,
         override: bool = True,
+        distributed: bool | None = None,
     ) -> None:
         """Optimise ``q(u)``, the inducing points and the hyperparameters with Adam.
 
@@ -284,10 +286,20 @@ class VaLLA(TrainableHyperparameters, BaseFunctionalLaplace):
         ``fit_history_["val_nll"]`` every ``val_steps`` steps and at the end. A fit that
         raises leaves the object as it was.
 
+        ``distributed`` must resolve to a fit per rank: False, or None without a
+        ``torch.distributed`` process group of several ranks (VaLLA does not sum its fit
+        over ranks).
+
         Raises:
             ValueError: For non-positive ``iterations``, ``lr`` or ``val_steps``, inducing
-                points or classes that do not fit the data, and bad batches.
+                points or classes that do not fit the data, bad batches, and within a process
+                group of several ranks unless ``distributed=False``.
         """
+        refuse_across_ranks(
+            type(self).__name__,
+            distributed,
+            "its optimisation would need gradients averaged over the ranks at every step",
+        )
         if not is_count(iterations):
             raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
         if isinstance(lr, bool) or not isinstance(lr, Real) or not 0 < lr < math.inf:

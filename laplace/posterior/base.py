@@ -141,6 +141,18 @@ class Posterior(ABC):
             ``(rows, params) -> (rows, rows)``
         """
 
+    def inv_bilinear(self, A: Tensor, B: Tensor) -> Tensor:
+        """Cross ``A P^-1 B^T`` between two sets of rows, the GLM posterior kernel.
+
+        This default takes the off-diagonal block of :meth:`inv_quad_joint` of the stacked
+        rows; the structures override it with products that do not square the row count.
+
+        Shapes:
+            ``A (n, params), B (m, params) -> (n, m)``
+        """
+        joint = self.inv_quad_joint(torch.cat([A, B.to(A.dtype)]))
+        return joint[: A.shape[0], A.shape[0] :]
+
     @abstractmethod
     def sample(self, n_samples: int, generator: torch.Generator | None = None) -> Tensor:
         """Draw ``n_samples`` zero-mean samples with covariance ``P^-1``.
@@ -255,6 +267,21 @@ class Curvature(ABC):
     @abstractmethod
     def is_finite(self) -> bool:
         """Whether every stored number of ``H`` is finite."""
+
+    def summands(self) -> list[Tensor]:
+        """The stored tensors whose entrywise sums over fits on disjoint data sets are the
+        fit on their union, in a fixed order.
+
+        A fit across processes sums them over the ranks in place
+        (:mod:`laplace.utils.distributed`) and then calls :meth:`_invalidate`.
+
+        Raises:
+            TypeError: For a structure whose storage is not a sum over the data (low rank).
+        """
+        raise TypeError(
+            f"{type(self).__name__} stores no sums over the data: its fits on several data "
+            "sets do not add up"
+        )
 
     @abstractmethod
     def state_dict(self) -> dict[str, Tensor | list]:

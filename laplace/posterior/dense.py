@@ -160,6 +160,11 @@ class DensePosterior(Posterior):
         whitened = self._whiten(Js)
         return self._out(whitened @ whitened.mT)
 
+    def inv_bilinear(self, A: Tensor, B: Tensor) -> Tensor:
+        _check_rows(A, (2,), self.n_params, "A")
+        _check_rows(B, (2,), self.n_params, "B")
+        return self._out(self._whiten(A) @ self._whiten(B).mT)
+
     def sample(self, n_samples: int, generator: torch.Generator | None = None) -> Tensor:
         noise = torch.randn(
             n_samples,
@@ -521,6 +526,9 @@ class DenseCurvature(Curvature):
 
     def is_finite(self) -> bool:
         return all_finite(self.H)
+
+    def summands(self) -> list[Tensor]:
+        return [self.H]
 
     def state_dict(self) -> dict[str, Tensor | list]:
         return {"H": self.H}

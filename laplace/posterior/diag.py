@@ -97,6 +97,12 @@ class DiagPosterior(Posterior):
         Js = Js.to(self._work_dtype)
         return self._out((Js * self._inverse(Js)) @ Js.mT)
 
+    def inv_bilinear(self, A: Tensor, B: Tensor) -> Tensor:
+        _check_rows(A, (2,), self.n_params, "A")
+        _check_rows(B, (2,), self.n_params, "B")
+        A, B = A.to(self._work_dtype), B.to(self._work_dtype)
+        return self._out((A * self._inverse(A)) @ B.mT)
+
     def sample(self, n_samples: int, generator: torch.Generator | None = None) -> Tensor:
         reference = self._precision
         noise = torch.randn(
@@ -269,6 +275,9 @@ class DiagCurvature(Curvature):
 
     def is_finite(self) -> bool:
         return all_finite(self.H)
+
+    def summands(self) -> list[Tensor]:
+        return [self.H]
 
     def state_dict(self) -> dict[str, Tensor | list]:
         return {"H": self.H}

@@ -24,6 +24,7 @@ from laplace.posterior.base import Curvature, Posterior
 from laplace.posterior.dense import linear_layer_outputs
 from laplace.utils.data import all_finite
 from laplace.utils.enums import HessianStructure
+from laplace.utils.linear_jacobians import map_factors
 from laplace.utils.matrix import Kron, KronDecomposed
 from laplace.utils.precision import accumulation_dtype, compute_dtype
 from laplace.utils.utils import psd_eigenvalues
@@ -132,6 +133,11 @@ class KronPosterior(Posterior):
         rows = Js.to(self._work_dtype).unsqueeze(0)
         return self._out(self._work_precision.inv_square_form(rows)[0])
 
+    def inv_bilinear(self, A: Tensor, B: Tensor) -> Tensor:
+        """``A P^-1 B^T`` blockwise in the eigenbases (``P^-1`` is never formed)."""
+        work = self._work_dtype
+        return self._out(self._work_precision.inv_bilinear_form(A.to(work), B.to(work)))
+
     def sample(self, n_samples: int, generator: torch.Generator | None = None) -> Tensor:
         reference = self._precision.deltas
         noise = torch.randn(
@@ -168,7 +174,7 @@ class KronPosterior(Posterior):
             ``-> (batch, outputs, outputs)``
         """
         work = self._work_dtype
-        factors = [tuple(t.to(work) for t in block) for block in factors]
+        factors = map_factors(factors, lambda t: t.to(work))
         return self._out(self._work_precision.inv_square_form_factored(factors))
 
     def _linear_factors(
@@ -435,6 +441,11 @@ class KronCurvature(Curvature):
 
     def is_finite(self) -> bool:
         return all(all_finite(f) for f in self._factors())
+
+    def summands(self) -> list[Tensor]:
+        """Every Kronecker factor: each is a sum over the data (``A`` divided by the size of
+        the whole data set)."""
+        return self._factors()
 
     def state_dict(self) -> dict[str, Tensor | list]:
         return {"kfacs": [list(factors) for factors in self.H.kfacs]}

@@ -148,6 +148,13 @@ class LowRankPosterior(Posterior):
         whitened = self._whiten(Js)
         return self._out((Js / self._prior_diag) @ Js.mT - whitened.mT @ whitened)
 
+    def inv_bilinear(self, A: Tensor, B: Tensor) -> Tensor:
+        _check_rows(A, (2,), self.n_params, "A")
+        _check_rows(B, (2,), self.n_params, "B")
+        A, B = A.to(self._U.dtype), B.to(self._U.dtype)
+        correction = self._whiten(A).mT @ self._whiten(B)
+        return self._out((A / self._prior_diag) @ B.mT - correction)
+
     def sample(self, n_samples: int, generator: torch.Generator | None = None) -> Tensor:
         """Exact samples by perturb-and-solve (see the module docstring).
 

@@ -23,6 +23,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from laplace.errors import UnknownNameError
+from laplace.utils.distributed import unwrap_parallel, unwrapped_name
 from laplace.utils.enums import _StrEnum, parse_enum
 
 __all__ = ["FeatureExtractor", "FeatureReduction"]
@@ -40,9 +41,11 @@ class FeatureExtractor(nn.Module):
     """A model with access to its last ``nn.Linear`` layer and that layer's input features.
 
     Args:
-        model: The network; its last layer must be an ``nn.Linear``.
-        last_layer_name: Name of the last layer in ``model.named_modules()``; ``None`` finds it
-            on the first forward pass.
+        model: The network; its last layer must be an ``nn.Linear``. A
+            ``DistributedDataParallel`` or ``DataParallel`` wrapper is replaced by the network
+            it wraps (layer names then lose the wrapper's ``module.`` prefix).
+        last_layer_name: Name of the last layer in ``model.named_modules()`` (with or without
+            a wrapper's ``module.`` prefix); ``None`` finds it on the first forward pass.
         enable_backprop: Keep the features attached to the autograd graph.
         feature_reduction: Reduction of ``(batch, seq, dim)`` features: ``"pick_first"``,
             ``"pick_last"``, ``"average"`` or ``None``.
@@ -65,7 +68,8 @@ class FeatureExtractor(nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         super().__init__()
-        self.model = model
+        last_layer_name = unwrapped_name(model, last_layer_name)
+        self.model = unwrap_parallel(model)  # a (Distributed)DataParallel wrapper's network
         self.enable_backprop = bool(enable_backprop)
         self.feature_reduction = (
             None

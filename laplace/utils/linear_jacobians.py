@@ -6,7 +6,9 @@ input, and w.r.t. the bias it is ``g_c``. Keeping the factors ``(g, a)`` instead
 ``(batch, outputs, params)`` Jacobian is what lets a Kronecker-factored posterior evaluate the
 GLM variance layer by layer in its eigenbasis (see ``KronDecomposed.inv_square_form_factored``),
 and what gives the diagonal of a GGN from a few backward passes instead of the per-sample
-Jacobians (:func:`factored_gram_diagonal`).
+Jacobians (:func:`factored_gram_diagonal`). On request (``convolutions=True``, for the
+predictive only) ``nn.Conv2d`` layers are factored too, with per-position factors
+(:mod:`laplace.utils.conv_jacobians`).
 
 The dense GGN ``sum_n J_n^T R_n^T R_n J_n`` (``k`` rows ``R_n`` per sample) has a weight block
 ``sum_n (U_in^T U_jn) ⊗ (a_in a_jn^T)`` for two linear layers, with ``U_n = R_n G_n``: the
@@ -17,11 +19,12 @@ for ten classes).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from laplace.utils.conv_jacobians import conv_patches, factored_conv, factored_conv_form
 from laplace.utils.data import Inputs
 from laplace.utils.precision import gram
 
@@ -30,45 +33,71 @@ __all__ = [
     "factored_gram",
     "factored_gram_diagonal",
     "linear_jacobian_factors",
+    "map_factors",
     "partial_linear_factors",
 ]
+
+Factors = tuple[Tensor | tuple[Tensor, ...], ...]
+"""One parameter's Jacobian factors: ``(G, a)`` or ``(G,)``; ``G`` of a convolution's weight
+is a tuple with one tensor per output (:func:`linear_jacobian_factors`)."""
 
 _CHUNK_ENTRIES = 2**22
 """Most entries of the intermediate products of :func:`factored_gram` (chunked over samples)."""
 
 
-def _owners(model: nn.Module, params: Mapping[str, Tensor]) -> list[tuple[nn.Linear, str] | None]:
-    """``(layer, "weight" | "bias")`` for each parameter of an ``nn.Linear``, else None."""
-    found = {}
+def _owners(
+    model: nn.Module, params: Mapping[str, Tensor], convolutions: bool = False
+) -> list[tuple[nn.Module, str] | None]:
+    """``(layer, "weight" | "bias")`` for each parameter of an ``nn.Linear`` (with
+    ``convolutions`` also of a supported ``nn.Conv2d``, see
+    :func:`~laplace.utils.conv_jacobians.factored_conv`), else None; also None for a
+    parameter that several modules hold (tied weights)."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
     for module in model.modules():
-        if isinstance(module, nn.Linear):
-            for kind, p in module.named_parameters(recurse=False):
-                found[id(p)] = (module, kind)
-    return [found.get(id(p)) for p in params.values()]
+        for kind, p in module.named_parameters(recurse=False):
+            holders.setdefault(id(p), []).append((module, kind))
+
+    def supported(module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear) or (
+            convolutions and factored_conv(module) is not None
+        )
+
+    owners = [holders.get(id(p), []) for p in params.values()]
+    return [o[0] if len(o) == 1 and supported(o[0][0]) else None for o in owners]
+
+
+def _sees_one_sample_each(layer: nn.Module, inputs: Tensor, n: int) -> bool:
+    """Whether ``layer`` saw one vector (a Linear) or one image (a Conv2d) per sample."""
+    return inputs.shape[0] == n and inputs.ndim == (2 if isinstance(layer, nn.Linear) else 4)
 
 
 def _layer_factors(
     model: nn.Module,
-    owners: list[tuple[nn.Linear, str] | None],
+    owners: list[tuple[nn.Module, str] | None],
     X: Inputs,
     create_graph: bool,
-) -> tuple[dict[int, tuple[Tensor, Tensor]], Tensor]:
-    """``(G, a)`` of every Linear layer in ``owners`` that sees one vector per sample.
+) -> tuple[dict[int, tuple[Tensor | tuple[Tensor, ...], Tensor]], Tensor]:
+    """``(G, a)`` of every layer in ``owners`` that sees one input per sample.
 
     One forward pass with hooks on those layers and one backward pass per output. A layer
     that runs more or less than once, or sees other than one ``(batch, in)`` input (a
-    sequence, or rows folded into its batch), is left out.
+    Linear) or ``(batch, in, H, W)`` image (a Conv2d), for example a sequence or rows folded
+    into its batch, is left out. The hooks hand a copy of each output on, so that in-place
+    operations after a layer (``ReLU(inplace=True)``) leave the captured output, and the
+    gradients taken at it, as the layer computed it.
 
     Returns:
-        ``({id(layer): (G, a)}, f)``.
+        ``({id(layer): (G, a)}, f)``; for a Conv2d ``G`` is one ``(batch, out, L)``
+        tensor per output and ``a`` the patches ``(batch, in * kh * kw, L)``.
     """
-    layers = list({id(o[0]): o[0] for o in owners if o is not None}.values())
-    captured: dict[int, list[tuple[Tensor, Tensor]]] = {id(layer): [] for layer in layers}
+    layers = {id(o[0]): o[0] for o in owners if o is not None}
+    captured: dict[int, list[tuple[Tensor, Tensor]]] = {key: [] for key in layers}
 
-    def hook(layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+    def hook(layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
         captured[id(layer)].append((inputs[0], output))
+        return output.clone()
 
-    handles = [layer.register_forward_hook(hook) for layer in layers]
+    handles = [layer.register_forward_hook(hook) for layer in layers.values()]
     try:
         with torch.enable_grad():
             f = model(X)
@@ -80,7 +109,7 @@ def _layer_factors(
     kept = {
         key: calls[0]
         for key, calls in captured.items()
-        if len(calls) == 1 and calls[0][0].ndim == 2 and calls[0][0].shape[0] == f.shape[0]
+        if len(calls) == 1 and _sees_one_sample_each(layers[key], calls[0][0], f.shape[0])
     }
     if not kept:
         return {}, f
@@ -92,16 +121,24 @@ def _layer_factors(
             )
             for c in range(f.shape[1])
         ]
-    factors = {
-        key: (torch.stack([g[i] for g in per_output], 1), a)
-        for i, (key, (a, _)) in enumerate(kept.items())
-    }
+    factors = {}
+    for index, (key, (inputs, _)) in enumerate(kept.items()):
+        conv = factored_conv(layers[key])
+        if conv is None:
+            factors[key] = (torch.stack([g[index] for g in per_output], 1), inputs)
+        else:  # not stacked: one (batch, outputs, out, L) tensor would double the memory
+            patches = conv_patches(inputs if create_graph else inputs.detach(), conv)
+            factors[key] = (tuple(g[index].flatten(2) for g in per_output), patches)
     return factors, f
 
 
 def linear_jacobian_factors(
-    model: nn.Module, params: Mapping[str, Tensor], X: Inputs, create_graph: bool = False
-) -> tuple[list[tuple[Tensor, ...]], Tensor] | None:
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    X: Inputs,
+    create_graph: bool = False,
+    convolutions: bool = False,
+) -> tuple[list[Factors], Tensor] | None:
     """Per-parameter Jacobian factors of ``model`` at ``X``, or None where they do not exist.
 
     Args:
@@ -109,28 +146,60 @@ def linear_jacobian_factors(
         params: The trainable parameters, by name, in posterior order.
         X: The inputs.
         create_graph: Keep the factors differentiable w.r.t. the inputs.
+        convolutions: Also factor ``nn.Conv2d`` layers (see
+            :mod:`laplace.utils.conv_jacobians`); only consumers that handle their
+            per-position factors may ask for them.
 
     Returns:
         ``(factors, f)``: per parameter ``(G, a)`` for a weight and ``(G,)`` for a bias, with
         ``G`` of shape ``(batch, outputs, out_features)`` and ``a`` of shape
-        ``(batch, in_features)``; ``f`` the outputs. None if a parameter is not a Linear's, a
-        layer runs more than once, or a layer sees more (or fewer) than one vector per
-        sample, also when they are folded into its batch dimension.
+        ``(batch, in_features)``; for a Conv2d weight ``G`` is a tuple of one
+        ``(batch, out, L)`` gradient per output and ``a`` the patches
+        ``(batch, in * kh * kw, L)`` at the ``L`` output positions, and its bias gets ``G``
+        summed over them and stacked, ``(batch, outputs, out)``; ``f`` the outputs. None if
+        a parameter is not a supported layer's or is tied to another module, a layer runs
+        more than once, or a layer sees more (or fewer) than one input per sample, also when
+        they are folded into its batch dimension.
+
+    Shapes:
+        ``-> [(batch, outputs, out), (batch, in)] or [(batch, outputs, out)]``,
+        ``(batch, outputs)``
     """
-    owners = _owners(model, params)
+    owners = _owners(model, params, convolutions)
     if any(o is None for o in owners):
         return None
     layer_factors, f = _layer_factors(model, owners, X, create_graph)
     if f.ndim != 2 or len(layer_factors) != len({id(layer) for layer, _ in owners}):
         return None  # e.g. a layer that sees several vectors per sample, folded into its batch
-    factors = []
+    factors: list[Factors] = []
     for layer, kind in owners:
         G, a = layer_factors[id(layer)]
-        factors.append((G, a if create_graph else a.detach()) if kind == "weight" else (G,))
+        if kind == "weight":
+            factors.append((G, a))
+        else:
+            is_conv = isinstance(G, tuple)
+            factors.append((torch.stack([g.sum(-1) for g in G], 1) if is_conv else G,))
     if not create_graph:
-        factors = [tuple(t.detach() for t in block) for block in factors]
+        factors = map_factors(factors, Tensor.detach)
         f = f.detach()
     return factors, f
+
+
+def map_factors(factors: list[Factors], fn: Callable[[Tensor], Tensor]) -> list[Factors]:
+    """``fn`` applied to every tensor of ``factors`` (to each output's gradient of a
+    convolution too), for example a cast to another dtype. A tensor that several blocks
+    share (a layer's ``G``, for its weight and its bias) is mapped once and stays shared."""
+    done: dict[int, Tensor] = {}
+
+    def apply(t: Tensor) -> Tensor:
+        if id(t) not in done:
+            done[id(t)] = fn(t)
+        return done[id(t)]
+
+    return [
+        tuple(tuple(apply(g) for g in t) if isinstance(t, tuple) else apply(t) for t in block)
+        for block in factors
+    ]
 
 
 def partial_linear_factors(
@@ -183,11 +252,13 @@ def factored_gram_diagonal(factors: list[tuple[Tensor, ...]], root: Tensor | Non
     return torch.cat(parts)
 
 
-def factored_diagonal_variance(factors: list[tuple[Tensor, ...]], variance: Tensor) -> Tensor:
+def factored_diagonal_variance(factors: list[Factors], variance: Tensor) -> Tensor:
     """``J_n diag(v) J_n^T`` per sample from the Jacobian factors of each parameter.
 
-    A weight contributes ``sum_o G_nco G_ndo (sum_i a_ni^2 v_oi)``: the inputs are reduced
-    against the variances first, so no ``(batch, outputs, params)`` tensor is formed.
+    A linear weight contributes ``sum_o G_nco G_ndo (sum_i a_ni^2 v_oi)``: the inputs are
+    reduced against the variances first, so no ``(batch, outputs, params)`` tensor is
+    formed. A convolution's weight forms its own per-sample Jacobian, one layer and a chunk
+    of samples at a time (:func:`~laplace.utils.conv_jacobians.factored_conv_form`).
 
     Args:
         factors: Per parameter ``(G, a)`` or ``(G,)`` as :func:`linear_jacobian_factors`
@@ -199,21 +270,23 @@ def factored_diagonal_variance(factors: list[tuple[Tensor, ...]], variance: Tens
 
     Shapes:
         ``G``: ``(batch, outputs, out)``; ``a``: ``(batch, in)``; ``variance``: ``(params,)``
+        (a Conv2d weight: ``G [(batch, out, L)] * outputs``, ``a (batch, in, L)``)
         -> ``(batch, outputs, outputs)``
     """
     total, start = None, 0
     for block in factors:
         G = block[0]
-        if len(block) == 2:
-            a = block[1]
-            size = G.shape[-1] * a.shape[-1]
-            v = variance[start : start + size].view(G.shape[-1], a.shape[-1])
-            scale = a.square() @ v.T
-        else:
-            size = G.shape[-1]
-            scale = variance[start : start + size].expand(G.shape[0], size)
+        n_out = G[0].shape[1] if isinstance(G, tuple) else G.shape[2]
+        size = n_out * (block[1].shape[1] if len(block) == 2 else 1)
+        v = variance[start : start + size]
         start += size
-        part = torch.einsum("bco,bo,bdo->bcd", G, scale, G)
+        if len(block) == 1:
+            part = (G * v) @ G.mT
+        elif isinstance(G, tuple):
+            part = factored_conv_form(G, block[1], v.view(n_out, -1))
+        else:
+            scale = block[1].square() @ v.view(n_out, -1).T
+            part = (G * scale[:, None]) @ G.mT
         total = part if total is None else total + part
     return total
 

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from laplace.utils.conv_jacobians import factored_conv_form
 from laplace.utils.precision import accumulation_dtype
 from laplace.utils.utils import psd_eigh
 
@@ -485,39 +486,90 @@ class KronDecomposed:
             result = result + torch.einsum("bkp,blp,p->bkl", rotated, rotated, 1 / values)
         return result
 
-    def inv_square_form_factored(self, factors: Sequence[tuple[Tensor, ...]]) -> Tensor:
+    def inv_bilinear_form(self, A: Tensor, B: Tensor) -> Tensor:
+        """``A M^-1 B^T`` for two sets of rows, blockwise in the eigenbasis: both sets are
+        rotated and the weighted products summed, never rotating back (the error of
+        :meth:`inv_square_form`, without cancellation from a back-rotation).
+
+        Shapes:
+            ``A (n, params), B (m, params) -> (n, m)``
+        """
+        result = A.new_zeros(A.shape[0], B.shape[0])
+        chunks = zip(A.split(self.sizes, dim=-1), B.split(self.sizes, dim=-1))
+        for (a, b), (vectors, values) in zip(chunks, self._blocks()):
+            rotated_a = _right_multiply(a, vectors).reshape(a.shape[0], -1)
+            rotated_b = _right_multiply(b, vectors).reshape(b.shape[0], -1)
+            result = result + (rotated_a / values) @ rotated_b.mT
+        return result
+
+    def inv_square_form_factored(
+        self, factors: Sequence[tuple[Tensor | tuple[Tensor, ...], ...]]
+    ) -> Tensor:
         """``J M^-1 J^T`` per batch element from Kronecker-factored Jacobians.
 
         For a linear layer the Jacobian of output ``c`` w.r.t. the weight is the outer
         product ``g_c a^T`` of the gradient at the layer's output and its input, so a
         two-factor block contributes ``G^T diag(w) G`` with ``G = Q_0^T g`` and
         ``w_i = sum_j (Q_1^T a)_j^2 / lambda_ij``: the ``(batch, k, params)`` Jacobian is
-        never formed. A one-factor block takes its Jacobian ``G`` directly.
+        never formed. For a convolution it is a sum of such products over the output
+        positions; ``Q_0^T G`` and ``Q_1^T a`` then give the layer's own Jacobian in the
+        eigenbasis, formed for chunks of samples
+        (:func:`~laplace.utils.conv_jacobians.factored_conv_form`). A one-factor block
+        takes its Jacobian ``G`` directly; a linear layer's bias, whose block has the
+        eigenvectors of its weight's output factor (K-FAC's), adds its inverse eigenvalues
+        to the weight's ``w`` and shares one rotation of ``G``.
 
         Args:
             factors: Per block, ``(G, a)`` for two-factor blocks and ``(G,)`` for one-factor
                 blocks, with ``G`` of shape ``(batch, k, d0)`` and ``a`` of shape
-                ``(batch, d1)``.
+                ``(batch, d1)``, or for a convolution a tuple of ``k`` gradients
+                ``(batch, d0, L)`` and the patches ``(batch, d1, L)`` at its ``L`` output
+                positions.
 
         Shapes:
             ``-> (batch, k, k)``
+
+        Raises:
+            ValueError: If there is not one entry of ``factors`` per block.
         """
         if len(factors) != len(self):
             raise ValueError(
                 f"factors must have one entry per block ({len(self)}), got {len(factors)}"
             )
-        result = None
-        for index, (block, vectors) in enumerate(zip(factors, self.eigenvectors)):
+        result, index = None, 0
+        while index < len(self):
+            block, vectors = factors[index], self.eigenvectors[index]
             inverse = 1 / self._block_eigenvalues(index)
-            rotated = block[0] @ vectors[0]
-            if len(vectors) == 2:
-                inputs = (block[1] @ vectors[1]).square()
-                weights = inputs @ inverse.reshape(vectors[0].shape[0], -1).mT
-                term = torch.einsum("bko,blo,bo->bkl", rotated, rotated, weights)
+            if len(vectors) == 2 and isinstance(block[0], tuple):
+                inverse = inverse.reshape(vectors[0].shape[0], -1)
+                term = factored_conv_form(*block, inverse, bases=(vectors[0], vectors[1]))
             else:
-                term = torch.einsum("bko,blo,o->bkl", rotated, rotated, inverse)
+                rotated = block[0] @ vectors[0]
+                weights = inverse
+                if len(vectors) == 2:
+                    inputs = (block[1] @ vectors[1]).square()
+                    weights = inputs @ inverse.reshape(vectors[0].shape[0], -1).mT
+                    if self._bias_shares_rotation(factors, index):
+                        index += 1
+                        weights = weights + 1 / self._block_eigenvalues(index)
+                term = (rotated * weights.unsqueeze(-2)) @ rotated.mT
             result = term if result is None else result + term
+            index += 1
         return result
+
+    def _bias_shares_rotation(
+        self, factors: Sequence[tuple[Tensor | tuple[Tensor, ...], ...]], index: int
+    ) -> bool:
+        """Whether block ``index + 1`` is a bias with the output gradients of the linear
+        weight ``index`` and the eigenvectors of its output factor (as K-FAC gives them: the
+        same ``sum g g^T``), so that both share one rotation of the gradients."""
+        following = index + 1
+        return (
+            following < len(self)
+            and len(self.eigenvectors[following]) == 1
+            and factors[following][0] is factors[index][0]
+            and torch.equal(self.eigenvectors[following][0], self.eigenvectors[index][0])
+        )
 
     def bmm(self, W: Tensor, exponent: float = -1) -> Tensor:
         """``W M^exponent`` for the rows of ``W``, never forming ``M``.

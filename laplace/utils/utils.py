@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from laplace.utils.enums import LinkApprox, PredType, PriorStructure, parse_enum
+from laplace.utils.enums import Likelihood, LinkApprox, PredType, PriorStructure, parse_enum
 
 __all__ = [
     "symeig",
@@ -322,11 +322,46 @@ def _input_device(laplace: Callable) -> torch.device | None:
     return device if isinstance(device, torch.device) else None
 
 
-def _update_metric(metric: Metric, output: Tensor | tuple[Tensor, Tensor], y: Tensor) -> None:
+def _noise_variance(laplace: Callable) -> Tensor | float:
+    """``sigma_noise**2`` of a regression ``laplace``; 0 for other likelihoods and callables."""
+    sigma = getattr(laplace, "sigma_noise", None)
+    if getattr(laplace, "likelihood", None) != Likelihood.REGRESSION or sigma is None:
+        return 0.0
+    return torch.as_tensor(sigma).detach().square()
+
+
+def _target_moments(
+    output: Tensor | tuple[Tensor, Tensor], noise_var: Tensor | float
+) -> tuple[Tensor, Tensor]:
+    """``(f_mu, diag(f_var) + noise_var)``: the marginal predictive moments of the targets.
+
+    Raises:
+        ValueError: If ``output`` is not a ``(f_mu, f_var)`` pair.
+
+    Shapes:
+        ``f_mu (batch, outputs), f_var (batch, outputs[, outputs]) -> 2 x (batch, outputs)``
+    """
+    if not isinstance(output, tuple):
+        raise ValueError(
+            "the loss needs the predictive variance (needs_variance=True), but the predictive "
+            "returns a single tensor (class probabilities); use it with a regression predictive"
+        )
+    f_mu, f_var = output
+    if f_var.ndim == f_mu.ndim + 1:
+        f_var = f_var.diagonal(dim1=-2, dim2=-1)
+    return f_mu, f_var + noise_var
+
+
+def _update_metric(
+    metric: Metric, output: Tensor | tuple[Tensor, Tensor], y: Tensor, with_var: bool = False
+) -> None:
     if not isinstance(output, tuple):
         metric.update(output, y)
         return
     f_mu, f_var = output
+    if with_var:
+        metric.update(f_mu, f_var, y)
+        return
     try:
         metric.update(f_mu, f_var, y)
     except TypeError:
@@ -369,7 +404,12 @@ def validate(
         val_loader: Yields ``(X, y)`` or dict-like batches with the targets under
             ``dict_key_y`` (the whole dict is then the input).
         loss: A ``torchmetrics.Metric`` (updated batch by batch, reset first) or a callable
-            ``loss(means, targets)`` evaluated once on the concatenated outputs.
+            ``loss(means, targets)`` evaluated once on the concatenated outputs. A loss with
+            a true ``needs_variance`` attribute (the Gaussian metrics of
+            :mod:`laplace.evaluation`) is given ``(means, variances, targets)`` instead,
+            where the variances are the marginal predictive variances of the targets: the
+            diagonal of ``f_var``, plus ``sigma_noise**2`` when ``laplace`` has a
+            regression likelihood.
         pred_type: ``"glm"`` or ``"nn"``.
         link_approx: Link approximation for GLM classification.
         n_samples: Number of samples for sampling-based predictives.
@@ -380,13 +420,15 @@ def validate(
         The loss; a vector-valued metric is summed.
 
     Raises:
-        ValueError: If the loader yields no batches.
+        ValueError: If the loader yields no batches, or ``loss`` needs the variance and the
+            predictive returns none (a classifier).
     """
     pred_type = parse_enum(PredType, pred_type, "pred_type")
     link_approx = parse_enum(LinkApprox, link_approx, "link_approx")
     is_metric = isinstance(loss, Metric)
     if is_metric:
         loss.reset()
+    noise_var = _noise_variance(laplace) if getattr(loss, "needs_variance", False) else None
     device = _input_device(laplace)
     outputs, targets, n_batches = [], [], 0
     for batch in val_loader:
@@ -397,8 +439,10 @@ def validate(
         first = output[0] if isinstance(output, tuple) else output
         y = torch.as_tensor(y).to(first.device)
         n_batches += 1
+        if noise_var is not None:
+            output = _target_moments(output, noise_var)
         if is_metric:
-            _update_metric(loss, output, y)
+            _update_metric(loss, output, y, with_var=noise_var is not None)
         else:
             outputs.append(output)
             targets.append(y)
@@ -406,4 +450,4 @@ def validate(
         raise ValueError("val_loader yielded no batches")
     if is_metric:
         return float(loss.compute().sum().item())
-    return _callable_loss(loss, outputs, targets, loss_with_var)
+    return _callable_loss(loss, outputs, targets, loss_with_var or noise_var is not None)

@@ -1,0 +1,198 @@
+"""The memory budget: Jacobian predictives in blocks, Jacobian-free beyond it, clear errors.
+
+Truth: the same approximation's moments with the default budget (whole batches), which the
+kernel and predictive tests check against brute-force float64 Jacobians; and, for the
+Jacobian-free path, the dense ``J P^-1 J^T`` from ``torch.func`` within Monte Carlo error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_cnn, make_data, make_mlp
+from groundtruth import dense_jacobians
+from torch.utils.data import DataLoader, TensorDataset
+
+from laplace import FunctionalLaplace, Laplace
+from laplace.utils import memory
+from laplace.utils.memory import MemoryBudgetError, memory_budget
+
+
+def fitted(model, likelihood, subset, structure, x, y):
+    kwargs = {}
+    if subset == "subnetwork":
+        n_params = sum(p.numel() for p in model.parameters())
+        kwargs["subnetwork_indices"] = torch.arange(0, n_params, 2)
+    la = Laplace(
+        model, likelihood, subset_of_weights=subset, hessian_structure=structure, **kwargs
+    )
+    la.fit(DataLoader(TensorDataset(x, y), batch_size=8))
+    return la
+
+
+def bytes_per_input(la) -> int:
+    return la.n_outputs * la.n_params * 8
+
+
+CASES = [("all", "full"), ("all", "lowrank"), ("subnetwork", "full"), ("subnetwork", "diag")]
+
+
+@pytest.mark.parametrize("subset,structure", CASES, ids=[f"{s}-{h}" for s, h in CASES])
+def test_blocks_of_inputs_give_the_whole_batch_moments(subset, structure):
+    model = make_mlp(n_out=3)
+    x, y = make_data("regression", n=20, n_out=3)
+    la = fitted(model, "regression", subset, structure, x, y)
+    f_mu, f_var = la(x, pred_type="glm")
+    f_joint, cov = la(x, pred_type="glm", joint=True)
+    with memory_budget(3 * bytes_per_input(la)):  # blocks of 3 (joint: kernel blocks of 1)
+        blocked_mu, blocked_var = la(x, pred_type="glm")
+        blocked_joint, blocked_cov = la(x, pred_type="glm", joint=True)
+    torch.testing.assert_close(blocked_mu, f_mu)
+    torch.testing.assert_close(blocked_var, f_var)
+    torch.testing.assert_close(blocked_joint, f_joint)
+    torch.testing.assert_close(blocked_cov, cov)
+
+
+def test_blocked_path_never_exceeds_the_budget(monkeypatch):
+    """Every Jacobian the predictive forms under the budget holds at most budget bytes."""
+    model = make_mlp(n_out=3)
+    x, y = make_data("classification", n=30, n_out=3)
+    la = fitted(model, "classification", "all", "full", x, y)
+    budget = 4 * bytes_per_input(la)
+    sizes = []
+    original = la.subset.jacobians
+
+    def recording(*args, **kwargs):
+        Js, f = original(*args, **kwargs)
+        sizes.append(Js.numel() * Js.element_size())
+        return Js, f
+
+    monkeypatch.setattr(la.subset, "jacobians", recording)
+    with memory_budget(budget):
+        la(x, pred_type="glm", link_approx="mc", n_samples=10)
+        la.posterior_kernel(batch_size=100)(x)
+    assert sizes and max(sizes) <= budget
+
+
+@pytest.mark.parametrize("model_kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("structure", ["full", "kron", "diag", "lowrank"])
+def test_jacobian_free_predictive_within_monte_carlo_error(model_kind, structure):
+    """Beyond the budget for one input, the covariance of ``J delta_s`` over 4,000 seeded
+    samples: within 5 standard errors (``sqrt(2 / S)`` of ``sqrt(var_c var_d)``) of the dense
+    ``J P^-1 J^T``; the mean is the network output exactly."""
+    if model_kind == "mlp":
+        model, (x, y) = make_mlp(n_out=3), make_data("classification", n=12, n_out=3)
+    else:
+        model = make_cnn(n_out=3)
+        x, y = make_data("classification", n=12, n_out=3, image=True)
+    la = fitted(model, "classification", "all", structure, x, y)
+    Js = dense_jacobians(model, x)
+    P = la.posterior.to_dense()
+    truth = torch.einsum("bcp,pq,bdq->bcd", Js, torch.linalg.inv(P), Js)
+    S = 4000
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setitem(memory._state, "samples", S)
+    try:
+        with memory_budget(bytes_per_input(la) - 1):
+            f_mu, f_var = la._glm_predictive_distribution(x)
+            again = la._glm_predictive_distribution(x)[1]
+    finally:
+        monkeypatch.undo()
+    torch.testing.assert_close(f_mu, model(x).detach())
+    assert torch.equal(f_var, again)  # a fixed seed: the same inputs, the same moments
+    sd = truth.diagonal(dim1=1, dim2=2).sqrt()
+    scale = sd.unsqueeze(-1) * sd.unsqueeze(-2)
+    assert ((f_var - truth).abs() / scale).max() < 5 * (2 / S) ** 0.5
+
+
+def test_budget_errors_name_the_budget():
+    model = make_mlp(n_out=3)
+    x, y = make_data("classification", n=12, n_out=3)
+    sod = FunctionalLaplace(model, "classification", n_subset=8)
+    sod.fit(DataLoader(TensorDataset(x, y), batch_size=6))
+    with memory_budget(100), pytest.raises(MemoryBudgetError, match="memory budget of"):
+        sod(x)
+    with memory_budget(100), pytest.raises(MemoryBudgetError, match="kernel"):
+        sod.posterior_kernel()(x)
+    with pytest.raises(ValueError, match="positive number of bytes"):
+        memory.set_memory_budget(0)
+    with pytest.raises(ValueError, match="at least 2"):
+        memory.set_glm_sample_count(1)
+    memory.set_memory_budget(12345)
+    assert memory.get_memory_budget() == 12345
+    memory.set_memory_budget(None)
+    assert memory.get_memory_budget() == memory.DEFAULT_BUDGET
+
+
+def test_function_space_blocks_give_the_whole_batch_moments():
+    model = make_mlp(n_out=2)
+    x, y = make_data("regression", n=16, n_out=2)
+    sod = FunctionalLaplace(model, "regression", n_subset=10)
+    sod.fit(DataLoader(TensorDataset(x, y), batch_size=8))
+    f_mu, f_var = sod(x)
+    _, cov = sod(x, joint=True)
+    with memory_budget(4 * 2 * sod.n_params * 8):
+        blocked_mu, blocked_var = sod(x)
+        _, blocked_cov = sod(x, joint=True)
+    torch.testing.assert_close(blocked_mu, f_mu)
+    torch.testing.assert_close(blocked_var, f_var)
+    torch.testing.assert_close(blocked_cov, cov)
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_low_rank_dense_and_matrix_free_routes_agree(likelihood, monkeypatch):
+    """Under the budget the dense curvature is summed once and never passed over again;
+    with a budget too small for it, the matrix-free Lanczos passes run. Both give the top
+    eigenpairs of the same GGN (checked against ``torch.linalg.eigh`` of the dense truth)."""
+    from groundtruth import dense_ggn
+
+    import laplace.lowrank as lowrank
+
+    model = make_mlp(n_out=2)
+    x, y = make_data(likelihood, n=30, n_out=2)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the dense route passed over the data again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lowrank, "curvature_matvec", refuse)
+        dense = Laplace(model, likelihood, "all", "lowrank", n_eigenvalues=5)
+        dense.fit(loader)
+    with memory_budget(1024):
+        free = Laplace(model, likelihood, "all", "lowrank", n_eigenvalues=5)
+        free.fit(loader)
+    truth = torch.linalg.eigvalsh(dense_ggn(model, x, y, likelihood)).flip(0)[:5]
+    for la in (dense, free):
+        (_, eigenvalues), _ = la.posterior_precision
+        torch.testing.assert_close(eigenvalues, truth, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(dense.log_marginal_likelihood(), free.log_marginal_likelihood())
+    torch.testing.assert_close(dense.loss, free.loss)
+
+
+@pytest.mark.parametrize(
+    "subset,structure", [("all", "full"), ("all", "lowrank"), ("subnetwork", "full")]
+)
+def test_exact_marginal_variances_from_a_few_outputs_at_a_time(subset, structure, monkeypatch):
+    """When one input's Jacobian exceeds the budget but two output rows fit, the marginal
+    variances (probit, diagonal outputs) are exact, from rows of two outputs at a time: the
+    dense ``diag(J P^-1 J^T)`` with brute-force Jacobians; no full Jacobian is formed."""
+    model = make_mlp(n_out=3)
+    x, y = make_data("classification", n=10, n_out=3)
+    la = fitted(model, "classification", subset, structure, x, y)
+    Js = dense_jacobians(model, x)
+    if subset == "subnetwork":
+        Js = Js[:, :, la.backend.subnetwork_indices]
+    truth = torch.einsum("bcp,pq,bcq->bc", Js, torch.linalg.inv(la.posterior.to_dense()), Js)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("formed a whole Jacobian")
+
+    monkeypatch.setattr(la.subset, "jacobians", refuse)
+    with memory_budget(2 * 2 * la.n_params * 8):  # two rows and their temporaries
+        f_mu, f_var = la._glm_predictive_diagonal(x)
+        probs = la(x, link_approx="probit")
+    torch.testing.assert_close(f_var, truth)
+    torch.testing.assert_close(f_mu, model(x).detach())
+    kappa = 1 / torch.sqrt(1 + torch.pi / 8 * truth)
+    torch.testing.assert_close(probs, torch.softmax(kappa * f_mu, -1))
