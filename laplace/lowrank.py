@@ -19,10 +19,12 @@ Lanczos tolerance.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from laplace.baselaplace import ParametricLaplace, _takes_out
 from laplace.curvature.lanczos import curvature_matvec, default_max_iter, lanczos_eigh
@@ -221,7 +223,7 @@ class LowRankLaplace(ParametricLaplace):
             super()._fit(train_loader, override, progress_bar, reduction)
             if self._dense_sum is not None and reduction is not None:
                 reduction.sum_([self._dense_sum])
-            self._curvature = self._lanczos_curvature(train_loader, reduction)
+            self._curvature = self._lanczos_curvature(train_loader, reduction, progress_bar)
         finally:
             self._dense_sum = None
         self._posterior_cache = None
@@ -267,8 +269,11 @@ class LowRankLaplace(ParametricLaplace):
         """Nothing to sum: the eigenpairs come from products summed over the ranks."""
 
     def _lanczos_curvature(
-        self, train_loader: Any, reduction: RankReduction | None = None
+        self, train_loader: Any, reduction: RankReduction | None = None, progress: bool = False
     ) -> LowRankCurvature:
+        """The top eigenpairs by the dense or the matrix-free route (module docstring); with
+        ``progress`` a bar counts the Lanczos steps (passes over the data on the matrix-free
+        route, at most ``lanczos_max_iter``)."""
         if self._dense_sum is not None and self.lanczos_max_iter >= self.n_params:
             # the Krylov space would be the whole space: the exact eigenpairs are cheaper
             eigenvalues, eigenvectors = torch.linalg.eigh(self._dense_sum)
@@ -286,17 +291,20 @@ class LowRankLaplace(ParametricLaplace):
             )
             if reduction is not None:
                 matvec = reduction.summed_matvec(matvec)
+        bar = tqdm(total=self.lanczos_max_iter, desc="Lanczos", disable=not progress)
+        matvec = _counted(matvec, bar)
         generator = torch.Generator(device=self._device).manual_seed(self.lanczos_seed)
-        eigenvalues, eigenvectors = lanczos_eigh(
-            matvec,
-            self.n_params,
-            self.n_eigenvalues,
-            device=self._device,
-            dtype=self._accumulation_dtype,  # the products run in it too (curvature_matvec)
-            max_iter=self.lanczos_max_iter,
-            tol=self.lanczos_tol,
-            generator=generator,
-        )
+        with bar:
+            eigenvalues, eigenvectors = lanczos_eigh(
+                matvec,
+                self.n_params,
+                self.n_eigenvalues,
+                device=self._device,
+                dtype=self._accumulation_dtype,  # the products run in it too (curvature_matvec)
+                max_iter=self.lanczos_max_iter,
+                tol=self.lanczos_tol,
+                generator=generator,
+            )
         return self._low_rank(eigenvalues, eigenvectors)
 
     def _low_rank(self, eigenvalues: Tensor, eigenvectors: Tensor) -> LowRankCurvature:
@@ -340,3 +348,13 @@ class LowRankLaplace(ParametricLaplace):
     def posterior_precision(self) -> tuple[tuple[Tensor, Tensor], Tensor]:
         """``((U, l / (sigma^2 T)), p0)``: ``P = U diag(l / (sigma^2 T)) U^T + diag(p0)``."""
         return self.posterior.precision()
+
+
+def _counted(matvec: Callable[[Tensor], Tensor], bar: tqdm) -> Callable[[Tensor], Tensor]:
+    """``matvec`` advancing ``bar`` by one per product."""
+
+    def counted(v: Tensor) -> Tensor:
+        bar.update(1)
+        return matvec(v)
+
+    return counted

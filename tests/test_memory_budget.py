@@ -196,3 +196,13 @@ def test_exact_marginal_variances_from_a_few_outputs_at_a_time(subset, structure
     torch.testing.assert_close(f_mu, model(x).detach())
     kappa = 1 / torch.sqrt(1 + torch.pi / 8 * truth)
     torch.testing.assert_close(probs, torch.softmax(kappa * f_mu, -1))
+
+
+def test_low_rank_progress_bar_counts_the_lanczos_passes(capsys):
+    model = make_mlp(n_out=1)
+    x, y = make_data("regression", n=20, n_out=1)
+    with memory_budget(1024):  # the matrix-free route: one pass per Lanczos step
+        la = Laplace(model, "regression", "all", "lowrank", n_eigenvalues=3)
+        la.fit(DataLoader(TensorDataset(x, y), batch_size=5), progress_bar=True)
+    err = capsys.readouterr().err
+    assert "Lanczos" in err and f"/{la.lanczos_max_iter}" in err
