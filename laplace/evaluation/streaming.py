@@ -82,47 +82,41 @@ class _SumMetric(Metric):
         return self.total / self.count
 
 
-class NegativeLogLikelihood(_SumMetric):
+class _ClassificationScore(_SumMetric):
+    """A per-sample score of predicted class probabilities, averaged over samples;
+    subclasses name the per-batch sum in ``_batch_sum``."""
+
+    _batch_sum: Callable[[Tensor, Tensor], Tensor]
+
+    def update(self, probs: Tensor, targets: Tensor) -> None:
+        """Add a batch.
+
+        Args:
+            probs: Predicted class probabilities.
+            targets: Integer class labels.
+
+        Raises:
+            TypeError: If the inputs are not tensors of the right kinds.
+            ValueError: For mismatched shapes or invalid probabilities or labels.
+
+        Shapes:
+            ``probs (batch, classes), targets (batch,)``
+        """
+        probs, targets = check_classification(probs, targets)
+        self._add(type(self)._batch_sum(probs, targets), probs.shape[0])
+
+
+class NegativeLogLikelihood(_ClassificationScore):
     """Mean negative log-likelihood of integer labels (see
     :func:`~laplace.evaluation.negative_log_likelihood`)."""
 
-    def update(self, probs: Tensor, targets: Tensor) -> None:
-        """Add a batch.
-
-        Args:
-            probs: Predicted class probabilities.
-            targets: Integer class labels.
-
-        Raises:
-            TypeError: If the inputs are not tensors of the right kinds.
-            ValueError: For mismatched shapes or invalid probabilities or labels.
-
-        Shapes:
-            ``probs (batch, classes), targets (batch,)``
-        """
-        probs, targets = check_classification(probs, targets)
-        self._add(nll_sum(probs, targets), probs.shape[0])
+    _batch_sum = staticmethod(nll_sum)
 
 
-class BrierScore(_SumMetric):
+class BrierScore(_ClassificationScore):
     """Mean Brier score (see :func:`~laplace.evaluation.brier_score`)."""
 
-    def update(self, probs: Tensor, targets: Tensor) -> None:
-        """Add a batch.
-
-        Args:
-            probs: Predicted class probabilities.
-            targets: Integer class labels.
-
-        Raises:
-            TypeError: If the inputs are not tensors of the right kinds.
-            ValueError: For mismatched shapes or invalid probabilities or labels.
-
-        Shapes:
-            ``probs (batch, classes), targets (batch,)``
-        """
-        probs, targets = check_classification(probs, targets)
-        self._add(brier_sum(probs, targets), probs.shape[0])
+    _batch_sum = staticmethod(brier_sum)
 
 
 class ExpectedCalibrationError(Metric):

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from laplace.utils.conv_jacobians import factored_conv_form
+from laplace.utils.factored_forms import kron_factored_form
 from laplace.utils.precision import accumulation_dtype
 from laplace.utils.utils import psd_eigh
 
@@ -505,57 +505,13 @@ class KronDecomposed:
     def inv_square_form_factored(
         self, factors: Sequence[tuple[Tensor | tuple[Tensor, ...], ...]]
     ) -> Tensor:
-        """``J M^-1 J^T`` per batch element from Kronecker-factored Jacobians.
-
-        For a linear layer the Jacobian of output ``c`` w.r.t. the weight is the outer
-        product ``g_c a^T`` of the gradient at the layer's output and its input, so a
-        two-factor block contributes ``G^T diag(w) G`` with ``G = Q_0^T g`` and
-        ``w_i = sum_j (Q_1^T a)_j^2 / lambda_ij``: the ``(batch, k, params)`` Jacobian is
-        never formed. For a convolution it is a sum of such products over the output
-        positions; ``Q_0^T G`` and ``Q_1^T a`` then give the layer's own Jacobian in the
-        eigenbasis, formed for chunks of samples
-        (:func:`~laplace.utils.conv_jacobians.factored_conv_form`). A one-factor block
-        takes its Jacobian ``G`` directly; a linear layer's bias, whose block has the
-        eigenvectors of its weight's output factor (K-FAC's), adds its inverse eigenvalues
-        to the weight's ``w`` and shares one rotation of ``G``.
-
-        Args:
-            factors: Per block, ``(G, a)`` for two-factor blocks and ``(G,)`` for one-factor
-                blocks, with ``G`` of shape ``(batch, k, d0)`` and ``a`` of shape
-                ``(batch, d1)``, or for a convolution a tuple of ``k`` gradients
-                ``(batch, d0, L)`` and the patches ``(batch, d1, L)`` at its ``L`` output
-                positions.
+        """``J M^-1 J^T`` per batch element from Kronecker-factored Jacobians (see
+        :func:`~laplace.utils.factored_forms.kron_factored_form`).
 
         Shapes:
             ``-> (batch, k, k)``
-
-        Raises:
-            ValueError: If there is not one entry of ``factors`` per block.
         """
-        if len(factors) != len(self):
-            raise ValueError(
-                f"factors must have one entry per block ({len(self)}), got {len(factors)}"
-            )
-        result, index = None, 0
-        while index < len(self):
-            block, vectors = factors[index], self.eigenvectors[index]
-            inverse = 1 / self._block_eigenvalues(index)
-            if len(vectors) == 2 and isinstance(block[0], tuple):
-                inverse = inverse.reshape(vectors[0].shape[0], -1)
-                term = factored_conv_form(*block, inverse, bases=(vectors[0], vectors[1]))
-            else:
-                rotated = block[0] @ vectors[0]
-                weights = inverse
-                if len(vectors) == 2:
-                    inputs = (block[1] @ vectors[1]).square()
-                    weights = inputs @ inverse.reshape(vectors[0].shape[0], -1).mT
-                    if self._bias_shares_rotation(factors, index):
-                        index += 1
-                        weights = weights + 1 / self._block_eigenvalues(index)
-                term = (rotated * weights.unsqueeze(-2)) @ rotated.mT
-            result = term if result is None else result + term
-            index += 1
-        return result
+        return kron_factored_form(self, factors)
 
     def _bias_shares_rotation(
         self, factors: Sequence[tuple[Tensor | tuple[Tensor, ...], ...]], index: int
