@@ -206,3 +206,32 @@ def test_low_rank_progress_bar_counts_the_lanczos_passes(capsys):
         la.fit(DataLoader(TensorDataset(x, y), batch_size=5), progress_bar=True)
     err = capsys.readouterr().err
     assert "Lanczos" in err and f"/{la.lanczos_max_iter}" in err
+
+
+def test_float32_budgeted_predictives_against_float64_truth():
+    """A float32 ReLU MLP (dead units, prior 1e-3): blocked Jacobians and output-chunked
+    exact variances against the truth from the same weights and data upcast to float64 and
+    the same posterior precision, within the float32 predictive target of 1e-3 relative
+    (``TARGETS["var"]`` of tests/test_float32.py; the products with the factors run in
+    float32, see laplace/utils/precision.py)."""
+    from float32_truth import make_data as make_data32
+    from float32_truth import relu_mlp, scaled_error
+
+    model = relu_mlp(4, 3, seed=0)
+    x, y = make_data32("classification", 40, 3, (4,), seed=1)
+    la = Laplace(model, "classification", "all", "full", prior_precision=1e-3)
+    la.fit(DataLoader(TensorDataset(x, y), batch_size=10))
+    J64 = dense_jacobians(relu_mlp(4, 3, seed=0).double(), x.double())
+    P = la.posterior.to_dense().double()
+    truth = torch.einsum("bcp,pq,bdq->bcd", J64, torch.linalg.inv(P), J64)
+    per_input = 2 * 3 * la.n_params * 4
+    with memory_budget(5 * per_input):  # blocks of 5 inputs
+        _, blocked = la._glm_predictive_distribution(x)
+    with memory_budget(per_input - 1):  # one output row at a time, exact
+        _, marginal = la._glm_predictive_diagonal(x)
+    assert blocked.dtype == marginal.dtype == torch.float32
+    assert scaled_error(blocked, truth) <= 1e-3
+    rel = (marginal.double() - truth.diagonal(dim1=1, dim2=2)).abs() / truth.diagonal(
+        dim1=1, dim2=2
+    )
+    assert rel.max() <= 1e-3
