@@ -7,6 +7,11 @@ training set, ``H ~ U diag(l) U^T``, and the posterior precision
 curvature-vector products summed over the training loader
 (:mod:`laplace.curvature.lanczos`), so the ``(params, params)`` curvature is never formed and
 the memory is ``O(params * max_iter)``; the cost is one pass over the data per Lanczos step.
+With ``eigensolver="subspace"`` (:mod:`laplace.curvature.subspace`) a fixed
+``n_power_iterations + 1`` passes each multiply the curvature with a block of
+``n_eigenvalues + oversampling`` vectors at once, in ``O(params * (k + oversampling))``
+memory: far fewer passes, as accurate for the top eigenvalues that stand out of the spectrum
+and less accurate than Lanczos among eigenvalues close to each other (``docs/big_models.md``).
 
 Where the dense curvature fits in half the memory budget (:mod:`laplace.utils.memory`; about
 11,500 parameters with the default 2 GiB) it is cheaper to sum it in one pass, as
@@ -14,6 +19,12 @@ Where the dense curvature fits in half the memory budget (:mod:`laplace.utils.me
 fit then costs one pass over the data plus ``O(params^2 * max_iter)`` arithmetic, instead of
 ``max_iter`` passes. Both routes compute the top eigenpairs of the same matrix to the
 Lanczos tolerance.
+
+``eigensolver="auto"`` takes subspace iteration on the matrix-free route for a positive
+semi-definite curvature, where the passes over the data are the cost, and Lanczos otherwise:
+on the dense route the products are in memory, so Lanczos' extra steps are cheap and its
+eigenpairs certified, and subspace iteration would find the eigenvalues of largest
+magnitude of an indefinite Hessian instead of the largest. The default is ``"lanczos"``.
 """
 
 from __future__ import annotations
@@ -28,16 +39,24 @@ from tqdm.auto import tqdm
 
 from laplace.baselaplace import ParametricLaplace, _takes_out
 from laplace.curvature.lanczos import curvature_matvec, default_max_iter, lanczos_eigh
+from laplace.curvature.subspace import (
+    DEFAULT_OVERSAMPLING,
+    DEFAULT_POWER_ITERATIONS,
+    check_subspace_options,
+    subspace_eigh,
+    subspace_passes,
+)
 from laplace.posterior.base import Curvature
 from laplace.posterior.lowrank import LowRankCurvature
 from laplace.utils.data import Inputs
 from laplace.utils.distributed import RankReduction
-from laplace.utils.enums import HessianStructure, Likelihood
+from laplace.utils.enums import Eigensolver, HessianStructure, Likelihood, parse_enum
 from laplace.utils.memory import get_memory_budget
 
 __all__ = ["LowRankLaplace"]
 
 _LANCZOS_OPTIONS = ("n_eigenvalues", "lanczos_max_iter", "lanczos_tol", "lanczos_seed")
+_SUBSPACE_OPTIONS = ("eigensolver", "n_power_iterations", "oversampling")
 _DEFAULT_RANK = 100
 
 
@@ -59,20 +78,34 @@ class LowRankLaplace(ParametricLaplace):
 
     Args:
         backend: A ``curvlinops`` backend class (default ``CurvlinopsGGN``).
-        backend_kwargs: Keyword arguments for the backend; may also hold the four options
+        backend_kwargs: Keyword arguments for the backend; may also hold the seven options
             below (not both there and as keywords).
         n_eigenvalues: The rank ``k`` (default ``min(100, n_params)``).
         lanczos_max_iter: Most Lanczos vectors kept (default ``min(n_params, max(3 k,
             k + 50))``); more cost memory but converge more eigenpairs.
-        lanczos_tol: Relative residual tolerance of the eigenpairs (default
+        lanczos_tol: Relative residual tolerance of the Lanczos eigenpairs (default
             ``eps ** 0.75`` of the accumulation precision, float64 for float32 models: the
             Krylov basis and the curvature-vector products run in it).
-        lanczos_seed: Seed of the random start vector (default 0).
+        lanczos_seed: Seed of the random start vector, or start block of subspace
+            iteration (default 0).
+        eigensolver: ``"lanczos"`` (default), ``"subspace"`` (randomized subspace
+            iteration, positive semi-definite curvatures only) or ``"auto"`` (module
+            docstring); an :class:`~laplace.utils.enums.Eigensolver`.
+        n_power_iterations: Subspace iteration's products before the Rayleigh-Ritz one
+            (default 3: ``n_power_iterations + 1`` passes over the data in all).
+        oversampling: Subspace iteration's vectors beyond ``k`` in the block (default 10).
+
+    Attributes:
+        eigenpair_residuals: After a fit by subspace iteration, the relative residuals
+            ``||H u_j - l_j u_j|| / l_1`` of the ``k`` eigenpairs, ``(k,)``; None after a
+            fit by Lanczos, whose pairs are certified to ``lanczos_tol`` (or it warns).
 
     Raises:
         ValueError: For a backend without curvature-vector products, an option given twice,
             ``n_eigenvalues`` outside ``[1, n_params]``, ``lanczos_max_iter`` below the rank,
-            or a bad tolerance or seed; and as :class:`~laplace.baselaplace.BaseLaplace`.
+            a bad tolerance, seed, eigensolver, ``n_power_iterations`` or ``oversampling``,
+            or ``eigensolver="subspace"`` with an indefinite curvature (a Hessian); and as
+            :class:`~laplace.baselaplace.BaseLaplace`.
     """
 
     def _unfitted_H(self) -> None:
@@ -98,12 +131,15 @@ class LowRankLaplace(ParametricLaplace):
         lanczos_max_iter: int | None = None,
         lanczos_tol: float | None = None,
         lanczos_seed: int | None = None,
+        eigensolver: Eigensolver | str | None = None,
+        n_power_iterations: int | None = None,
+        oversampling: int | None = None,
     ) -> None:
         backend_kwargs = dict(backend_kwargs or {})
-        keywords = dict(
-            zip(_LANCZOS_OPTIONS, (n_eigenvalues, lanczos_max_iter, lanczos_tol, lanczos_seed))
-        )
-        for name in _LANCZOS_OPTIONS:
+        values = (n_eigenvalues, lanczos_max_iter, lanczos_tol, lanczos_seed)
+        values += (eigensolver, n_power_iterations, oversampling)
+        keywords = dict(zip(_LANCZOS_OPTIONS + _SUBSPACE_OPTIONS, values))
+        for name in keywords:
             if name in backend_kwargs:
                 if keywords[name] is not None:
                     raise ValueError(
@@ -123,7 +159,9 @@ class LowRankLaplace(ParametricLaplace):
             backend=backend,
             backend_kwargs=backend_kwargs,
         )
-        self._set_lanczos_options(**keywords)
+        self._set_lanczos_options(*(keywords[name] for name in _LANCZOS_OPTIONS))
+        self._set_subspace_options(*(keywords[name] for name in _SUBSPACE_OPTIONS))
+        self.eigenpair_residuals: Tensor | None = None
 
     def _set_lanczos_options(
         self,
@@ -158,6 +196,27 @@ class LowRankLaplace(ParametricLaplace):
         self.lanczos_tol = lanczos_tol
         self.lanczos_seed = seed
 
+    def _set_subspace_options(
+        self,
+        eigensolver: Eigensolver | str | None,
+        n_power_iterations: int | None,
+        oversampling: int | None,
+    ) -> None:
+        solver = parse_enum(
+            Eigensolver, Eigensolver.LANCZOS if eigensolver is None else eigensolver, "eigensolver"
+        )
+        if solver is Eigensolver.SUBSPACE and not self._backend_cls.psd_curvature:
+            raise ValueError(
+                "eigensolver='subspace' needs a positive semi-definite curvature (subspace "
+                "iteration finds the eigenvalues of largest magnitude), but "
+                f"{self._backend_cls.__name__}'s is indefinite; use 'lanczos' or 'auto'"
+            )
+        self.n_power_iterations, self.oversampling = check_subspace_options(
+            DEFAULT_POWER_ITERATIONS if n_power_iterations is None else n_power_iterations,
+            DEFAULT_OVERSAMPLING if oversampling is None else oversampling,
+        )
+        self.eigensolver = solver
+
     def _check_backend(self, backend: type | None) -> type:
         from laplace.curvature import CurvlinopsGGN
 
@@ -181,18 +240,22 @@ class LowRankLaplace(ParametricLaplace):
         """Compute the loss and the top ``n_eigenvalues`` eigenpairs of the curvature.
 
         One pass over ``train_loader`` accumulates the loss, as for every
-        :class:`~laplace.baselaplace.ParametricLaplace`; then each Lanczos step is one
-        pass of curvature-vector products. Sampled curvatures (``stochastic=True``) need a
-        loader that yields the batches in the same order every time.
+        :class:`~laplace.baselaplace.ParametricLaplace`; then, on the matrix-free route, each
+        Lanczos step is one pass of curvature-vector products, and subspace iteration makes
+        ``n_power_iterations + 1`` passes of block products. Sampled curvatures
+        (``stochastic=True``) need a loader that yields the batches in the same order every
+        time.
 
         Args:
             train_loader: Yields ``(X, y)`` or dict-like batches; ``len(train_loader.dataset)``
                 is the number of data points.
             override: Must be ``True``.
-            progress_bar: Show a progress bar over the batches of the loss pass.
+            progress_bar: Show a progress bar over the batches of the loss pass, and one
+                over the curvature products.
             distributed: As for ``ParametricLaplace.fit``: across the ranks of a process
-                group, every rank runs the same Lanczos iteration on curvature-vector
-                products summed over the ranks (one ``all_reduce`` per step).
+                group, every rank runs the same Lanczos or subspace iteration on
+                curvature products summed over the ranks (one ``all_reduce`` per Lanczos
+                step or block product).
 
         Raises:
             ValueError: For ``override=False`` (an eigendecomposition cannot be updated with
@@ -223,7 +286,7 @@ class LowRankLaplace(ParametricLaplace):
             super()._fit(train_loader, override, progress_bar, reduction)
             if self._dense_sum is not None and reduction is not None:
                 reduction.sum_([self._dense_sum])
-            self._curvature = self._lanczos_curvature(train_loader, reduction, progress_bar)
+            self._curvature = self._eigen_curvature(train_loader, reduction, progress_bar)
         finally:
             self._dense_sum = None
         self._posterior_cache = None
@@ -268,44 +331,76 @@ class LowRankLaplace(ParametricLaplace):
     def _reduce_curvature(self, H_new: Curvature, reduction: RankReduction) -> None:
         """Nothing to sum: the eigenpairs come from products summed over the ranks."""
 
-    def _lanczos_curvature(
+    def _eigen_curvature(
         self, train_loader: Any, reduction: RankReduction | None = None, progress: bool = False
     ) -> LowRankCurvature:
-        """The top eigenpairs by the dense or the matrix-free route (module docstring); with
-        ``progress`` a bar counts the Lanczos steps (passes over the data on the matrix-free
-        route, at most ``lanczos_max_iter``)."""
-        if self._dense_sum is not None and self.lanczos_max_iter >= self.n_params:
+        """The top eigenpairs by the dense or the matrix-free route (module docstring) and the
+        eigensolver; with ``progress`` a bar counts the curvature products (passes over the
+        data on the matrix-free route)."""
+        self.eigenpair_residuals = None
+        subspace = self._uses_subspace()
+        if self._dense_sum is not None and not subspace and self.lanczos_max_iter >= self.n_params:
             # the Krylov space would be the whole space: the exact eigenpairs are cheaper
             eigenvalues, eigenvectors = torch.linalg.eigh(self._dense_sum)
             order = eigenvalues.argsort(descending=True)[: self.n_eigenvalues]
             return self._low_rank(eigenvalues[order], eigenvectors[:, order])
-        if self._dense_sum is not None:
-            dense = self._dense_sum
-
-            def matvec(v: Tensor) -> Tensor:
-                return dense @ v
-
-        else:
-            matvec = curvature_matvec(
-                self.backend, train_loader, self.n_data, self._asdl_fisher_kwargs
-            )
-            if reduction is not None:
-                matvec = reduction.summed_matvec(matvec)
-        bar = tqdm(total=self.lanczos_max_iter, desc="Lanczos", disable=not progress)
-        matvec = _counted(matvec, bar)
+        products = self._curvature_products(train_loader, reduction)
         generator = torch.Generator(device=self._device).manual_seed(self.lanczos_seed)
+        options = dict(device=self._device, dtype=self._accumulation_dtype, generator=generator)
+        if subspace:
+            return self._subspace_curvature(products, options, progress)
+        bar = tqdm(total=self.lanczos_max_iter, desc="Lanczos", disable=not progress)
         with bar:
             eigenvalues, eigenvectors = lanczos_eigh(
-                matvec,
+                _counted(products, bar),
                 self.n_params,
                 self.n_eigenvalues,
-                device=self._device,
-                dtype=self._accumulation_dtype,  # the products run in it too (curvature_matvec)
                 max_iter=self.lanczos_max_iter,
                 tol=self.lanczos_tol,
-                generator=generator,
+                **options,  # the products run in the accumulation dtype (curvature_matvec)
             )
         return self._low_rank(eigenvalues, eigenvectors)
+
+    def _subspace_curvature(
+        self, products: Callable[[Tensor], Tensor], options: dict[str, Any], progress: bool
+    ) -> LowRankCurvature:
+        """The top eigenpairs by subspace iteration, keeping their residuals; a bar counts
+        the block products."""
+        passes = subspace_passes(
+            self.n_params, self.n_eigenvalues, self.oversampling, self.n_power_iterations
+        )
+        with tqdm(total=passes, desc="Subspace iteration", disable=not progress) as bar:
+            eigenvalues, eigenvectors, residuals = subspace_eigh(
+                _counted(products, bar),
+                self.n_params,
+                self.n_eigenvalues,
+                oversampling=self.oversampling,
+                n_power_iterations=self.n_power_iterations,
+                **options,
+            )
+        curvature = self._low_rank(eigenvalues, eigenvectors)
+        self.eigenpair_residuals = residuals
+        return curvature
+
+    def _uses_subspace(self) -> bool:
+        """Whether this fit runs subspace iteration (``"auto"``: see the module docstring)."""
+        if self.eigensolver is Eigensolver.AUTO:
+            return self._dense_sum is None and self._backend_cls.psd_curvature
+        return self.eigensolver is Eigensolver.SUBSPACE
+
+    def _curvature_products(
+        self, train_loader: Any, reduction: RankReduction | None
+    ) -> Callable[[Tensor], Tensor]:
+        """``V -> H V`` for a vector or a block ``(params, b)``: with the dense sum in memory,
+        or one pass over ``train_loader`` per product, summed over the ranks (one
+        ``all_reduce`` per product) for a distributed fit."""
+        if self._dense_sum is not None:
+            dense = self._dense_sum
+            return lambda v: dense @ v
+        products = curvature_matvec(
+            self.backend, train_loader, self.n_data, self._asdl_fisher_kwargs
+        )
+        return products if reduction is None else reduction.summed_matvec(products)
 
     def _low_rank(self, eigenvalues: Tensor, eigenvectors: Tensor) -> LowRankCurvature:
         curvature = LowRankCurvature(

@@ -287,7 +287,10 @@ def curvature_matvec(
             checked by ``backend.curvature_options``.
 
     Returns:
-        The product, a function of a vector ``(params,)`` returning ``(params,)``.
+        The product, a function of a vector ``(params,)`` returning ``(params,)``, or of a
+        block ``(params, b)`` returning ``(params, b)`` in one pass over ``loader`` (per
+        batch one forward pass and the products of the whole block, vectorised by
+        ``curvlinops``; the batch's activations are held ``b`` times).
 
     Raises:
         UnknownOptionError: For an option the backend's ``full`` does not take.

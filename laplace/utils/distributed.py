@@ -13,9 +13,10 @@ the whole data set, hence with the same posterior:
 3. the stored sums of the curvature (the dense matrix, the diagonal, or every K-FAC factor),
    packed into one buffer (:meth:`~laplace.posterior.base.Curvature.summands`).
 
-A low-rank curvature is not a sum of per-rank eigendecompositions; its Lanczos iteration runs
-on every rank alike on curvature-vector products summed over the ranks
-(:meth:`RankReduction.summed_matvec`, one ``all_reduce`` per Lanczos step).
+A low-rank curvature is not a sum of per-rank eigendecompositions; its Lanczos or subspace
+iteration runs on every rank alike on curvature-vector products summed over the ranks
+(:meth:`RankReduction.summed_matvec`, one ``all_reduce`` per Lanczos step, or per block
+product of subspace iteration).
 
 Only ``torch.distributed`` collectives are used, on the tensors' device: gloo on CPUs, NCCL on
 GPUs. Only the default process group is supported.
@@ -295,7 +296,7 @@ class RankReduction:
             The product with the curvature of all ranks, the same on every rank.
 
         Shapes:
-            ``(params,) -> (params,)``
+            ``(params,) -> (params,)``, or a block ``(params, b) -> (params, b)``
         """
 
         def summed(v: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ __all__ = [
     "LinkApprox",
     "TuningMethod",
     "PriorStructure",
+    "Eigensolver",
     "parse_enum",
 ]
 
@@ -76,6 +77,21 @@ class PriorStructure(_StrEnum):
     SCALAR = "scalar"
     DIAG = "diag"
     LAYERWISE = "layerwise"
+
+
+class Eigensolver(_StrEnum):
+    """How ``LowRankLaplace`` finds the top eigenpairs of the curvature.
+
+    ``LANCZOS``: one curvature-vector product per step, to a tolerance
+    (:mod:`laplace.curvature.lanczos`). ``SUBSPACE``: randomized subspace iteration, a fixed
+    few products with a block of vectors each (:mod:`laplace.curvature.subspace`). ``AUTO``:
+    subspace iteration where each product is a pass over the data and the curvature is
+    positive semi-definite, Lanczos otherwise.
+    """
+
+    LANCZOS = "lanczos"
+    SUBSPACE = "subspace"
+    AUTO = "auto"
 
 
 E = TypeVar("E", bound=_StrEnum)
