@@ -1,7 +1,8 @@
 """Peak memory of the Jacobian GLM predictive against the memory budget.
 
-An all-weights diagonal Laplace approximation of an MLP with a LayerNorm (its parameters are
-not a Linear layer's, so the predictive forms Jacobians instead of the factored path) predicts
+An all-weights diagonal Laplace approximation of an MLP with a PReLU (its parameter belongs to
+no layer with Jacobian factors, so the predictive forms Jacobians instead of the factored
+path) predicts
 batches of growing size and output count. Each configuration runs in a fresh subprocess that
 resets its peak resident memory after the fit (``/proc/self/clear_refs``, Linux) and reports
 the peak reached during the predictive (``VmHWM``) beside the resident memory just before it
@@ -33,7 +34,7 @@ batch, outputs, budget_mib = (int(v) for v in sys.argv[1:4])
 torch.manual_seed(0)
 torch.set_num_threads(1)
 model = nn.Sequential(
-    nn.Linear(64, 256), nn.LayerNorm(256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(),
+    nn.Linear(64, 256), nn.PReLU(), nn.Linear(256, 256), nn.Tanh(),
     nn.Linear(256, outputs),
 )
 X = torch.randn(64, 64)

@@ -250,14 +250,35 @@ class ParametricLaplace(EvidenceMixin, BudgetedJacobiansMixin, BaseLaplace):
             X, y = self._checked_batch(batch, first=n_batches == 0)
             if self.n_outputs is None or n_batches == 0:
                 self._set_n_outputs(X)
-            for X_part, y_part in self._budgeted_parts(X, y):
-                part_loss = self._add_batch(H_new, X_part, y_part, n_data).detach()
+            for part_loss in self._add_batch_or_parts(H_new, X, y, n_data):
+                part_loss = part_loss.detach()
                 loss = loss + part_loss.to(accumulation_dtype(part_loss.dtype, part_loss.device))
             n_batches += 1
         if n_batches == 0:
             raise ValueError("train_loader yielded no batches")
         self._finish_batches(H_new, n_data)
         return loss
+
+    def _add_batch_or_parts(
+        self, H_new: Curvature, X: Inputs, y: Tensor, n_data: int
+    ) -> list[Tensor]:
+        """Add a batch's curvature to ``H_new``; the losses of the parts it was added in.
+
+        A batch whose Jacobians would exceed the memory budget is added in parts
+        (:meth:`_budgeted_parts`), except where the backend computes its curvature from the
+        layers' Jacobian factors, which form no Jacobians
+        (:meth:`~laplace.curvature.GGNInterface.factored`): then it is added whole.
+        """
+        parts = list(self._budgeted_parts(X, y))
+        structures = getattr(self._backend_cls, "factored_structures", frozenset())
+        if len(parts) > 1 and self._structure in structures:
+            step = self.backend.factored(
+                self._structure, X, y, N=n_data, **self._asdl_fisher_kwargs
+            )
+            if step is not None:
+                H_new.add_(step[1])
+                return [step[0]]
+        return [self._add_batch(H_new, X_part, y_part, n_data) for X_part, y_part in parts]
 
     def _reduce_curvature(self, H_new: Curvature, reduction: RankReduction) -> None:
         """Sum this fit's curvature over the ranks, in place (one collective)."""

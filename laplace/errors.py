@@ -17,6 +17,9 @@ laplace-torch raises another built-in class for the same mistake, ours derives f
   ``asdl_fisher_kwargs``, say) that a backend's ``full``/``diag``/``kron`` does not take, or
   that an active-learning criterion (:func:`laplace.active.select`) does not take; also a
   metric name that ``optimize_prior_precision(loss=...)`` does not know.
+- :class:`UnsupportedLayerError` (``NotImplementedError`` and ``ValueError``): a trainable
+  parameter in a layer that the curvlinops K-FAC has no block for (an embedding, or a batch
+  normalisation that normalises with the batch's statistics).
 
 ``KeyError`` normally shows its message quoted (``str(KeyError("a b"))`` is ``"'a b'"``); the
 two key errors here show it as written.
@@ -30,6 +33,7 @@ __all__ = [
     "MissingKeyError",
     "UnknownNameError",
     "UnknownOptionError",
+    "UnsupportedLayerError",
 ]
 
 
@@ -60,3 +64,8 @@ class UnknownOptionError(TypeError, ValueError):
     """A keyword option a backend's structure method does not accept (laplace-torch: the
     ``TypeError`` of the curvature library it forwards the keyword to), or an unknown metric
     name given as a grid-search ``loss``."""
+
+
+class UnsupportedLayerError(NotImplementedError, ValueError):
+    """A trainable parameter in a layer that a structure has no block for (laplace-torch:
+    the ``NotImplementedError`` of ``curvlinops.KFACLinearOperator``)."""

@@ -16,6 +16,15 @@ data point (``R = 1``), as ``curvlinops`` and therefore ``laplace-torch`` do. Wi
 gradients summed before the outer products: ``A = 1 / N sum_n abar_n abar_n^T`` and
 ``B = sum_{n, k} gsum_nk gsum_nk^T``, as ``curvlinops`` with ``kfac_approx="reduce"``.
 
+The affine parameters of normalisation layers that do not couple the samples (batch norm in
+eval mode, with running statistics; ``LayerNorm`` and ``GroupNorm``, with per-sample
+statistics) get one-factor blocks, the exact curvature blocks: with ``xhat`` the layer's
+input normalised without the affine map, a sample's Jacobian rows are
+``d f / d gamma_ch = sum_pos g[ch, pos] xhat[ch, pos]`` and ``d f / d beta_ch =
+sum_pos g[ch, pos]``, from the same gradients ``g`` at the layer's output, so the block is
+``sum_{n, k}`` of their outer products. This goes beyond ``curvlinops``, whose K-FAC has no
+blocks for them.
+
 The convention is that of :mod:`laplace.curvature.curvlinops` (its module docstring), whose
 ``kron`` uses this path where it applies and ``curvlinops.KFACLinearOperator`` otherwise:
 sampled Fishers, layers called more than once per forward pass, grouped or non-zero-padded
@@ -81,10 +90,54 @@ class PendingRows:
         self._rows.clear()
 
 
+BATCH_NORM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+)
+"""Batch-norm layers, whose affine parameters are supported in eval mode (running statistics)."""
+
+NORM_LAYERS: tuple[type[nn.Module], ...] = (*BATCH_NORM_LAYERS, nn.LayerNorm, nn.GroupNorm)
+"""Normalisation layers whose affine parameters get exact one-factor blocks."""
+
+
+def norm_layer_problem(layer: nn.Module) -> str | None:
+    """Why the affine parameters of a normalisation layer have no exact block here, or None.
+
+    A batch-norm layer in training mode, or one without running statistics, normalises with
+    the statistics of the batch: every sample's output depends on every other sample, and
+    the GGN is no sum of per-sample terms. A ``LayerNorm`` over several dimensions has a
+    weight of more than one dimension, whose block would not be one factor.
+    """
+    if isinstance(layer, BATCH_NORM_LAYERS):
+        if layer.training:
+            return (
+                "is in training mode, where it normalises with the statistics of the batch "
+                "(coupling the samples); put it in eval mode (model.eval()) to normalise with "
+                "its running statistics"
+            )
+        if layer.running_mean is None or layer.running_var is None:
+            return (
+                "has no running statistics (track_running_stats=False), so it normalises with "
+                "the statistics of the batch even in eval mode (coupling the samples)"
+            )
+    if isinstance(layer, nn.LayerNorm) and len(layer.normalized_shape) != 1:
+        return (
+            f"normalises over {len(layer.normalized_shape)} dimensions; only a "
+            "one-dimensional normalized_shape is supported"
+        )
+    return None
+
+
 def _supported(layer: nn.Module) -> bool:
-    """Whether the patches of ``layer`` are those of ``nn.functional.unfold``."""
+    """Whether ``layer``'s parameters have blocks here: a Linear, a Conv2d whose patches are
+    those of ``nn.functional.unfold``, or a normalisation layer without a
+    :func:`norm_layer_problem`."""
     if isinstance(layer, nn.Linear):
         return True
+    if isinstance(layer, NORM_LAYERS):
+        return norm_layer_problem(layer) is None
     return (
         isinstance(layer, nn.Conv2d)
         and layer.groups == 1
@@ -99,11 +152,40 @@ def _layer_owners(
     """``(layer, "weight" | "bias")`` per parameter, or None if a parameter has no such layer."""
     found = {}
     for layer in model.modules():
-        if isinstance(layer, (nn.Linear, nn.Conv2d)) and _supported(layer):
+        if isinstance(layer, (nn.Linear, nn.Conv2d, *NORM_LAYERS)) and _supported(layer):
             for kind, p in layer.named_parameters(recurse=False):
                 found[id(p)] = (layer, kind)
     owners = [found.get(id(p)) for p in params]
     return None if any(o is None for o in owners) else owners
+
+
+def _normalised(layer: nn.Module, a: Tensor) -> Tensor:
+    """The input of a normalisation layer normalised without its affine map, ``xhat``."""
+    if isinstance(layer, nn.LayerNorm):
+        return nn.functional.layer_norm(a, layer.normalized_shape, eps=layer.eps)
+    if isinstance(layer, nn.GroupNorm):
+        return nn.functional.group_norm(a, layer.num_groups, eps=layer.eps)
+    return nn.functional.batch_norm(
+        a, layer.running_mean, layer.running_var, training=False, eps=layer.eps
+    )
+
+
+def _norm_rows(layer: nn.Module, g: Tensor, xhat: Tensor, kind: str) -> Tensor:
+    """Per-sample Jacobian rows of a normalisation layer's ``weight`` (gamma) or ``bias``
+    (beta) from the gradients ``g`` at its output, summed over each sample's positions:
+    ``d f / d gamma_ch = sum_pos g[ch, pos] xhat[ch, pos]``, ``d f / d beta_ch = sum_pos
+    g[ch, pos]``. The channels are the last dimension for ``LayerNorm``, the second
+    (after the batch) otherwise.
+
+    Shapes:
+        ``g (k, batch, ...)``, ``xhat (batch, ...) -> (k * batch, channels)``
+    """
+    if kind == "weight":
+        g = g * xhat
+    rows = g.shape[0] * g.shape[1]
+    if isinstance(layer, nn.LayerNorm):
+        return g.reshape(rows, -1, g.shape[-1]).sum(dim=1)
+    return g.reshape(rows, g.shape[2], -1).sum(dim=2)
 
 
 def _input_rows(layer: nn.Module, a: Tensor, reduce: bool = False) -> tuple[Tensor, int]:
@@ -173,6 +255,91 @@ def _batched_grad(
     return run_with_fallback(model, FastPath.BATCHED_BACKWARD, batched, per_row)
 
 
+def _forward(
+    model: nn.Module, layers: Sequence[nn.Module], inputs: Inputs
+) -> tuple[Tensor, dict[int, tuple[Tensor, Tensor]]] | None:
+    """One forward pass with hooks on ``layers``: the output ``f`` and, per layer, its
+    detached input (``xhat``, see :func:`_normalised`, for a normalisation layer) and its
+    output; None if a layer runs other than once or ``f`` is not ``(batch, outputs)``.
+
+    The hooks hand a copy of each output on, so that an in-place operation after a layer
+    (``ReLU(inplace=True)``, ``out += identity`` in a residual block) leaves the captured
+    output, and the gradients taken at it, as the layer computed it.
+    """
+    seen: dict[int, list[tuple[Tensor, Tensor]]] = {id(layer): [] for layer in layers}
+
+    def hook(layer: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        a = args[0].detach()
+        if isinstance(layer, NORM_LAYERS):
+            a = _normalised(layer, a)
+        seen[id(layer)].append((a, output))
+        return output.clone()
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    try:
+        with torch.enable_grad():
+            f = model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if f.ndim != 2 or any(len(calls) != 1 for calls in seen.values()):
+        return None
+    return f, {key: calls[0] for key, calls in seen.items()}
+
+
+def _gram_key(layer: nn.Module, kind: str) -> tuple[int, str]:
+    """Which output-side Gram a parameter's block uses: a Linear's or Conv2d's weight and
+    bias share one, each parameter of a normalisation layer has its own."""
+    return id(layer), kind if isinstance(layer, NORM_LAYERS) else ""
+
+
+def _two_factors(layer: nn.Module, kind: str) -> bool:
+    """Whether the block of ``layer``'s parameter ``kind`` is ``[B, A]`` (else ``[B]``)."""
+    return kind == "weight" and not isinstance(layer, NORM_LAYERS)
+
+
+def _output_grams(
+    model: nn.Module,
+    f: Tensor,
+    root: Tensor,
+    owners: Sequence[tuple[nn.Module, str]],
+    captured: dict[int, tuple[Tensor, Tensor]],
+    reduce: bool,
+    dtype: torch.dtype,
+) -> dict[tuple[int, str], Tensor]:
+    """The output-side Grams by :func:`_gram_key`, from batched backward passes of the rows
+    of ``root`` (split to hold at most ``_MAX_GRAD_ENTRIES`` gradient entries at once).
+
+    Shapes:
+        ``f (batch, outputs)``, ``root (batch, k, outputs)``
+    """
+    layers = list({id(layer): layer for layer, _ in owners}.values())
+    kinds: dict[int, list[str]] = {id(layer): [] for layer in layers}
+    for layer, kind in owners:
+        kinds[id(layer)].append(kind)
+    outputs = [captured[id(layer)][1] for layer in layers]
+    chunk = max(1, _MAX_GRAD_ENTRIES // max(sum(out.numel() for out in outputs), 1))
+    grams: dict[tuple[int, str], Tensor] = {}
+    directions = root.transpose(0, 1)  # (k, batch, outputs)
+    for start in range(0, directions.shape[0], chunk):
+        with torch.enable_grad():
+            grads = _batched_grad(model, f, outputs, directions[start : start + chunk])
+        for layer, g in zip(layers, grads):
+            g = g.detach()
+            if isinstance(layer, NORM_LAYERS):
+                xhat = captured[id(layer)][0]
+                rows = {kind: _norm_rows(layer, g, xhat, kind) for kind in kinds[id(layer)]}
+            else:
+                rows = {"": _output_rows(layer, g, reduce)}
+            for kind, part in rows.items():
+                key = (id(layer), kind)
+                if key in grams:
+                    gram(part, dtype, out=grams[key])
+                else:
+                    grams[key] = gram(part, dtype)
+    return grams
+
+
 def batch_kfac(
     model: nn.Module,
     params: Sequence[Tensor],
@@ -187,6 +354,11 @@ def batch_kfac(
 ) -> tuple[list[list[Tensor]], Tensor] | None:
     """K-FAC factors of one batch, or None where this path does not apply.
 
+    The affine parameters of a normalisation layer (:data:`NORM_LAYERS`, without a
+    :func:`norm_layer_problem`) get their exact curvature block ``sum_{n, k} j_nk j_nk^T``,
+    one factor, from the per-sample Jacobian rows ``j_nk`` of :func:`_norm_rows`: there is
+    no weight sharing to approximate, so ``reduce`` does not change it.
+
     Args:
         model: The network; its output has shape ``(batch, outputs)``.
         params: The trainable parameters, in posterior order.
@@ -199,16 +371,17 @@ def batch_kfac(
             model's).
         out: Factors, as returned, to add this batch's to in place (the input-side Gram
             goes straight into them, without a temporary); they are then returned.
-        scales: Multipliers of the weight blocks' ``B``, the bias blocks' ``B`` and ``A``.
+        scales: Multipliers of the weight blocks' ``B``, the one-factor blocks (biases,
+            normalisation parameters) and ``A``.
         pending: With ``out``, where to keep the layer inputs of small batches until enough
             rows have gathered (then ``pending.flush()`` must run before ``out`` is read).
         reduce: The "reduce" approximation for weight sharing instead of "expand" (see
             :class:`~laplace.curvature._options.KFACApprox`).
 
     Returns:
-        ``(kfacs, f)``: per parameter ``[B, A]`` for a weight and ``[B]`` for a bias, and the
-        detached outputs. None if a parameter is not one of a supported ``nn.Linear`` /
-        ``nn.Conv2d`` layer or a layer runs other than once.
+        ``(kfacs, f)``: per parameter ``[B, A]`` for a Linear or Conv2d weight and ``[B]``
+        for a bias or a normalisation parameter, and the detached outputs. None if a
+        parameter is not one of a supported layer or a layer runs other than once.
 
     Shapes:
         ``f``: ``(batch, outputs)``; ``R``: ``(batch, k, outputs)``
@@ -217,57 +390,38 @@ def batch_kfac(
     if owners is None:
         return None
     layers = list({id(layer): layer for layer, _ in owners}.values())
-    seen: dict[int, list[tuple[Tensor, Tensor]]] = {id(layer): [] for layer in layers}
-
-    def hook(layer: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-        seen[id(layer)].append((args[0].detach(), output))
-
-    handles = [layer.register_forward_hook(hook) for layer in layers]
-    try:
-        with torch.enable_grad():
-            f = model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if f.ndim != 2 or any(len(calls) != 1 for calls in seen.values()):
+    forward = _forward(model, layers, inputs)
+    if forward is None:
         return None
+    f, captured = forward
     batch, n_out = f.shape
     root = rows(f.detach())
     if root is None:
         root = torch.eye(n_out, dtype=f.dtype, device=f.device).expand(batch, n_out, n_out)
-    outputs = [seen[id(layer)][0][1] for layer in layers]
-    per_row = sum(out.numel() for out in outputs)
-    chunk = max(1, _MAX_GRAD_ENTRIES // max(per_row, 1))
-    B: list[Tensor | None] = [None] * len(layers)
-    with torch.enable_grad():
-        directions = root.transpose(0, 1)  # (k, batch, outputs)
-        for start in range(0, directions.shape[0], chunk):
-            part = directions[start : start + chunk]
-            grads = _batched_grad(model, f, outputs, part)
-            for i, (layer, g) in enumerate(zip(layers, grads)):
-                g_gram = gram(_output_rows(layer, g.detach(), reduce), dtype or f.dtype)
-                B[i] = g_gram if B[i] is None else B[i] + g_gram
-    B_of = {id(layer): b for layer, b in zip(layers, B)}
-    weight_B, bias_B, input_scale = scales
+    dtype = dtype or f.dtype
+    grams = _output_grams(model, f, root, owners, captured, reduce, dtype)
+    weight_B, one_factor_B, input_scale = scales
     if out is None:
-        kfacs = []
+        out = []
         for layer, kind in owners:
-            b = B_of[id(layer)]
-            if kind == "weight":
-                a_rows, sharing = _input_rows(layer, seen[id(layer)][0][0], reduce)
-                A = gram(a_rows, dtype or f.dtype).mul_(input_scale / (n_data * sharing))
-                kfacs.append([b * weight_B, A])
+            b = grams[_gram_key(layer, kind)]
+            if _two_factors(layer, kind):
+                a_rows, sharing = _input_rows(layer, captured[id(layer)][0], reduce)
+                A = gram(a_rows, dtype).mul_(input_scale / (n_data * sharing))
+                out.append([b * weight_B, A])
             else:
-                kfacs.append([b * bias_B])
-        return kfacs, f.detach()
+                out.append([b * one_factor_B])
+        return out, f.detach()
     for (layer, kind), block in zip(owners, out):
-        b = B_of[id(layer)]
-        block[0].add_(b, alpha=weight_B if kind == "weight" else bias_B)
-        if kind == "weight":
-            a_rows, sharing = _input_rows(layer, seen[id(layer)][0][0], reduce)
-            scale = input_scale / (n_data * sharing)
-            if pending is None:
-                gram(a_rows, dtype or f.dtype, out=block[1], scale=scale)
-            else:
-                pending.add(block[1], a_rows, scale, dtype or f.dtype)
+        b = grams[_gram_key(layer, kind)]
+        if not _two_factors(layer, kind):
+            block[0].add_(b, alpha=one_factor_B)
+            continue
+        block[0].add_(b, alpha=weight_B)
+        a_rows, sharing = _input_rows(layer, captured[id(layer)][0], reduce)
+        scale = input_scale / (n_data * sharing)
+        if pending is None:
+            gram(a_rows, dtype, out=block[1], scale=scale)
+        else:
+            pending.add(block[1], a_rows, scale, dtype)
     return out, f.detach()

@@ -36,6 +36,7 @@ from laplace.utils.linear_jacobians import (
     linear_jacobian_factors,
     partial_linear_factors,
 )
+from laplace.utils.norm_jacobians import uses_batch_statistics
 from laplace.utils.precision import gram
 
 __all__ = ["CurvatureInterface", "GGNInterface", "EFInterface"]
@@ -154,6 +155,15 @@ class GGNInterface(_GramInterface):
         }
     )
 
+    factored_structures: ClassVar[frozenset[HessianStructure]] = frozenset({HessianStructure.DIAG})
+    """Structures that :meth:`factored` computes from Jacobian factors; none for a subclass
+    with its own ``diag`` (BackPack, ASDL), which computes it its own way."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.diag is not GGNInterface.diag:
+            cls.factored_structures = frozenset()
+
     def __init__(
         self,
         model: nn.Module,
@@ -243,9 +253,11 @@ class GGNInterface(_GramInterface):
         sample and ``Lambda_n`` has ``k >= 2`` rows (classification, several regression
         outputs), their blocks are Kronecker sums of per-sample factors
         (:func:`~laplace.utils.linear_jacobians.factored_gram`, ``k`` times fewer products
-        than the Gram of the Jacobian rows); the other parameters take their per-sample
-        Jacobians. Otherwise (and for a subnetwork) the Gram of the Jacobian rows. Arguments
-        as for :meth:`_GramInterface.full`.
+        than the Gram of the Jacobian rows); their biases and the parameters of normalisation
+        layers take the rows from the same backward passes, the other parameters their
+        per-sample Jacobians. Otherwise (and for a subnetwork, or a batch normalisation that
+        uses the batch's statistics) the Gram of the Jacobian rows. Arguments as for
+        :meth:`_GramInterface.full`.
 
         Shapes:
             ``H``: ``(params, params)``
@@ -270,6 +282,8 @@ class GGNInterface(_GramInterface):
             return None
         self._check_inputs(x)
         module, inputs = self._module_and_input(x)
+        if uses_batch_statistics(module):
+            return None  # the per-sample Jacobians differ from the batch's factors
         named = dict(zip(self._param_names, self.params))
         factors, f = partial_linear_factors(module, named, inputs)
         if f.ndim != 2 or not any(len(block) == 2 for block in factors.values()):
@@ -310,10 +324,13 @@ class GGNInterface(_GramInterface):
         generator: torch.Generator | None = None,
         **kwargs: Any,
     ) -> tuple[Tensor, Tensor]:
-        """``(loss, h)`` of a batch; layer by layer when every parameter is a Linear's.
+        """``(loss, h)`` of a batch; layer by layer when every parameter has factors.
 
         For networks whose trainable parameters all sit in ``nn.Linear`` layers that see one
-        vector per sample, the diagonal comes from the layers' inputs and output gradients
+        vector per sample, supported ``nn.Conv2d`` layers that see one image per sample and
+        normalisation layers that keep the samples apart (batch normalisation in eval mode,
+        layer and group normalisation; :mod:`laplace.utils.norm_jacobians`), the diagonal
+        comes from the layers' inputs and output gradients
         (:func:`~laplace.utils.linear_jacobians.factored_gram_diagonal`): one backward pass
         per output instead of the ``(batch, outputs, params)`` Jacobians. Other networks take
         the per-sample Jacobians. Arguments as for :meth:`full`.
@@ -322,12 +339,50 @@ class GGNInterface(_GramInterface):
             ``h``: ``(params,)``
         """
         options = self._check_structure(HessianStructure.DIAG, kwargs)
+        factored = self._factored_diag(x, y, generator, options)
+        if factored is None:
+            return super().diag(x, y, N=N, generator=generator, **kwargs)
+        return factored
+
+    def factored(
+        self,
+        structure: HessianStructure,
+        x: Inputs,
+        y: Tensor,
+        N: int | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Tensor] | None:
+        """``(loss, curvature)`` of a batch of ``structure`` from the layers' Jacobian
+        factors, or None where the network has none (where :meth:`diag` forms Jacobians).
+
+        It never forms a ``(batch, outputs, params)`` tensor: the factors hold
+        ``batch x outputs x activations`` numbers (as many as the activations of a training
+        step, once per output), so a fit hands it whole batches that the memory budget of
+        the Jacobians would split (:mod:`laplace.utils.memory`). Arguments as for
+        :meth:`diag`.
+
+        Raises:
+            UnknownOptionError: For a keyword outside ``structure_options``.
+            ValueError: For bad inputs, targets or options, or a curvature with NaN or Inf.
+        """
+        if structure not in self.factored_structures:
+            return None
+        return self._factored_diag(x, y, generator, self._check_structure(structure, kwargs))
+
+    def _factored_diag(
+        self, x: Inputs, y: Tensor, generator: torch.Generator | None, options: dict[str, Any]
+    ) -> tuple[Tensor, Tensor] | None:
+        """:meth:`diag` from :func:`~laplace.utils.linear_jacobians.factored_gram_diagonal`,
+        or None where the network has no factors."""
         self._check_inputs(x)
         module, inputs = self._module_and_input(x)
         named = dict(zip(self._param_names, self.params))
-        factored = linear_jacobian_factors(module, named, inputs) if named else None
+        factored = None
+        if named:
+            factored = linear_jacobian_factors(module, named, inputs, convolutions=True)
         if factored is None:
-            return super().diag(x, y, N=N, generator=generator, **kwargs)
+            return None
         factors, f = factored
         y = self._check_targets(y, f)
         root = self._output_root(f, *self._sampling(generator, options))

@@ -14,12 +14,15 @@
 - ``kron``: K-FAC (Martens & Grosse, 2015; Grosse & Martens, 2016) with the "expand" (default)
   or "reduce" approximation for weight sharing (Eschenhagen et al., 2023; the ``kfac_approx``
   option), separate weight and bias blocks, and Fisher type ``type-2`` (exact GGN), ``mc``
-  (sampled Fisher) or ``empirical``. Only parameters of ``nn.Linear`` and ``nn.Conv2d`` layers
-  are supported. The exact GGN and the empirical Fisher take one forward and one batched
+  (sampled Fisher) or ``empirical``. Parameters of ``nn.Linear`` and ``nn.Conv2d`` layers are
+  supported, and the affine parameters of normalisation layers that do not couple the samples
+  (batch norm in eval mode, ``LayerNorm``, ``GroupNorm``), which get their exact one-factor
+  curvature blocks. The exact GGN and the empirical Fisher take one forward and one batched
   backward pass (:mod:`laplace.curvature._kfac`, 2-4 times faster than the operator's backward
   pass per output); the sampled Fisher and layers that path does not handle (run more than
   once per forward pass, grouped or non-zero-padded convolutions) use
-  ``curvlinops.KFACLinearOperator``. Both give the same factors.
+  ``curvlinops.KFACLinearOperator``. Both give the same factors. The operator has no blocks
+  for normalisation layers, so their parameters need the one-pass path.
 
 The operators' products use forward-mode autodiff (``torch.func.jvp``); where a fused
 attention kernel lacks it (``scaled_dot_product_attention`` on the CPU), they run with
@@ -52,7 +55,9 @@ sum. Summing the factors over the batches of a data set (the usual K-FAC accumul
 ``Kron`` addition does) gives exactly the full-data K-FAC
 ``(1/(N R) sum aa^T) ⊗ (sum gg^T)`` and the full-data bias blocks ``sum gg^T``, whatever
 the batch sizes. Putting ``M / N`` on ``B`` instead would give the same weight blocks per
-batch but bias blocks too small by ``M / N`` once summed.
+batch but bias blocks too small by ``M / N`` once summed. A normalisation parameter's block
+is a batch sum like a bias's: summed over the batches, the exact GGN (or empirical Fisher)
+block of the data set.
 
 The factors are read through ``KFACLinearOperator.compute_kronecker_factors`` and
 ``state_dict``, and the parameter positions through ``compute_parameter_mapping``; no private
@@ -94,10 +99,16 @@ with warnings.catch_warnings():
     )
 
 from laplace.curvature._fallback import math_attention
-from laplace.curvature._kfac import PendingRows, batch_kfac
+from laplace.curvature._kfac import (
+    NORM_LAYERS,
+    PendingRows,
+    batch_kfac,
+    norm_layer_problem,
+)
 from laplace.curvature._operators import operator_diagonal, operator_submatrix
 from laplace.curvature._options import KFAC_OPTIONS, SAMPLING_OPTIONS, KFACApprox
 from laplace.curvature.curvature import CurvatureInterface, EFInterface, GGNInterface
+from laplace.errors import UnsupportedLayerError
 from laplace.utils.data import Inputs, batch_size
 from laplace.utils.enums import HessianStructure
 from laplace.utils.matrix import Kron
@@ -107,7 +118,7 @@ __all__ = ["CurvlinopsInterface", "CurvlinopsGGN", "CurvlinopsEF", "CurvlinopsHe
 _GRAM_MAX_ENTRIES = 2**25
 """Most entries of the per-sample Jacobian factors for the Gram path of ``full``."""
 
-_KFAC_LAYERS = (nn.Linear, nn.Conv2d)
+_KFAC_LAYERS = (nn.Linear, nn.Conv2d, *NORM_LAYERS)
 
 
 def _kronecker_factors(kfac: KFACLinearOperator) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -299,8 +310,10 @@ class CurvlinopsInterface(CurvatureInterface):
             NotImplementedError: If the backend does not compute ``kron``.
             UnknownOptionError: For a keyword outside ``structure_options``.
             ValueError: For ``subnetwork_indices``, a bad ``N``, bad inputs, targets or
-                options, a parameter outside ``nn.Linear``/``nn.Conv2d`` layers, or
-                non-finite factors.
+                options, or non-finite factors.
+            UnsupportedLayerError: For a parameter outside ``nn.Linear``/``nn.Conv2d`` and
+                supported normalisation layers (a batch norm must be in eval mode), or a
+                normalisation parameter where ``KFACLinearOperator`` is needed.
         """
         options = self._check_structure(HessianStructure.KRON, kwargs)
         if isinstance(N, bool) or not isinstance(N, int) or N < 1:
@@ -309,10 +322,17 @@ class CurvlinopsInterface(CurvatureInterface):
         spec = self._kfac_spec(generator, options)
         self._check_inputs(x)
         module, inputs = self._module_and_input(x)
-        self._check_kfac_layers(module)
+        norm_params = self._check_kfac_layers(module)
         native = self._batch_kfac(module, inputs, y, N, out, approx)
         if native is not None:
             return native
+        if norm_params:
+            raise UnsupportedLayerError(
+                f"{type(self).__name__}.kron has blocks for normalisation-layer parameters "
+                f"(here {norm_params[0]!r}) only in its one-pass K-FAC: the exact GGN or the "
+                "empirical Fisher (not stochastic=True), with every layer run once per forward "
+                "pass and Conv2d layers with groups=1 and zero padding"
+            )
         module, inputs, y, loss = self._prepare(x, y)
         params = self._params_of(module)
         kfac = KFACLinearOperator(
@@ -415,23 +435,37 @@ class CurvlinopsInterface(CurvatureInterface):
         kfacs = [[self._check_finite(factor) for factor in block] for block in result[0]]
         return batch["loss"], Kron(kfacs)
 
-    def _check_kfac_layers(self, module: nn.Module) -> None:
-        """Raise unless every parameter in ``params`` belongs to a Linear or Conv2d layer.
+    def _check_kfac_layers(self, module: nn.Module) -> list[str]:
+        """Raise unless every parameter in ``params`` belongs to a Linear or Conv2d layer or
+        to a normalisation layer that does not couple the samples; return the names of the
+        normalisation layers' parameters.
 
         Raises:
-            ValueError: Naming the first parameter of another layer type.
+            UnsupportedLayerError: Naming the first parameter of another layer type, or of
+                a batch norm in training mode (or without running statistics), or of a
+                ``LayerNorm`` over several dimensions.
         """
         owners = {
             id(p): layer for layer in module.modules() for p in layer.parameters(recurse=False)
         }
+        norm_params = []
         for name, p in zip(self._param_names, self.params):
             owner = owners.get(id(p))
             if not isinstance(owner, _KFAC_LAYERS):
-                raise ValueError(
+                raise UnsupportedLayerError(
                     f"{type(self).__name__}.kron supports only parameters of "
                     f"{', '.join(t.__name__ for t in _KFAC_LAYERS)} layers; parameter "
-                    f"{name!r} belongs to a {type(owner).__name__} layer"
+                    f"{name!r} belongs to {type(owner).__name__}"
                 )
+            if isinstance(owner, NORM_LAYERS):
+                problem = norm_layer_problem(owner)
+                if problem is not None:
+                    raise UnsupportedLayerError(
+                        f"{type(self).__name__}.kron: parameter {name!r} belongs to a "
+                        f"{type(owner).__name__} layer that {problem}"
+                    )
+                norm_params.append(name)
+        return norm_params
 
 
 class CurvlinopsGGN(CurvlinopsInterface, GGNInterface):

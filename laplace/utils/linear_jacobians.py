@@ -7,8 +7,10 @@ input, and w.r.t. the bias it is ``g_c``. Keeping the factors ``(g, a)`` instead
 GLM variance layer by layer in its eigenbasis (see ``KronDecomposed.inv_square_form_factored``),
 and what gives the diagonal of a GGN from a few backward passes instead of the per-sample
 Jacobians (:func:`factored_gram_diagonal`). On request (``convolutions=True``, for the
-predictive only) ``nn.Conv2d`` layers are factored too, with per-position factors
-(:mod:`laplace.utils.conv_jacobians`).
+diagonal fit and the predictive) ``nn.Conv2d`` layers are factored too, with per-position
+factors (:mod:`laplace.utils.conv_jacobians`). The affine parameters of normalisation
+layers get dense per-sample rows from the same backward passes
+(:mod:`laplace.utils.norm_jacobians`).
 
 The dense GGN ``sum_n J_n^T R_n^T R_n J_n`` (``k`` rows ``R_n`` per sample) has a weight block
 ``sum_n (U_in^T U_jn) ⊗ (a_in a_jn^T)`` for two linear layers, with ``U_n = R_n G_n``: the
@@ -20,12 +22,25 @@ for ten classes).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from laplace.utils.conv_jacobians import conv_patches, factored_conv, factored_conv_form
+from laplace.utils.conv_jacobians import (
+    conv_gram_diagonal,
+    conv_patches,
+    factored_conv,
+    factored_conv_form,
+)
 from laplace.utils.data import Inputs
+from laplace.utils.norm_jacobians import (
+    factored_norm,
+    normalized_input,
+    position_sums,
+    uses_batch_statistics,
+)
+from laplace.utils.norm_jacobians import sees_one_sample_each as norm_sees_one_sample_each
 from laplace.utils.precision import gram
 
 __all__ = [
@@ -41,6 +56,9 @@ Factors = tuple[Tensor | tuple[Tensor, ...], ...]
 """One parameter's Jacobian factors: ``(G, a)`` or ``(G,)``; ``G`` of a convolution's weight
 is a tuple with one tensor per output (:func:`linear_jacobian_factors`)."""
 
+_KINDS = ("weight", "bias")
+"""The names of a layer's parameters, in the order of its factors."""
+
 _CHUNK_ENTRIES = 2**22
 """Most entries of the intermediate products of :func:`factored_gram` (chunked over samples)."""
 
@@ -48,8 +66,9 @@ _CHUNK_ENTRIES = 2**22
 def _owners(
     model: nn.Module, params: Mapping[str, Tensor], convolutions: bool = False
 ) -> list[tuple[nn.Module, str] | None]:
-    """``(layer, "weight" | "bias")`` for each parameter of an ``nn.Linear`` (with
-    ``convolutions`` also of a supported ``nn.Conv2d``, see
+    """``(layer, "weight" | "bias")`` for each parameter of an ``nn.Linear``, of a supported
+    normalisation layer (:func:`~laplace.utils.norm_jacobians.factored_norm`) and with
+    ``convolutions`` of a supported ``nn.Conv2d`` (see
     :func:`~laplace.utils.conv_jacobians.factored_conv`), else None; also None for a
     parameter that several modules hold (tied weights)."""
     holders: dict[int, list[tuple[nn.Module, str]]] = {}
@@ -58,16 +77,19 @@ def _owners(
             holders.setdefault(id(p), []).append((module, kind))
 
     def supported(module: nn.Module) -> bool:
-        return isinstance(module, nn.Linear) or (
-            convolutions and factored_conv(module) is not None
-        )
+        if isinstance(module, nn.Linear) or factored_norm(module):
+            return True
+        return convolutions and factored_conv(module) is not None
 
     owners = [holders.get(id(p), []) for p in params.values()]
     return [o[0] if len(o) == 1 and supported(o[0][0]) else None for o in owners]
 
 
 def _sees_one_sample_each(layer: nn.Module, inputs: Tensor, n: int) -> bool:
-    """Whether ``layer`` saw one vector (a Linear) or one image (a Conv2d) per sample."""
+    """Whether ``layer`` saw one vector (a Linear), one image (a Conv2d) or one input of any
+    shape (a normalisation layer) per sample."""
+    if factored_norm(layer):
+        return norm_sees_one_sample_each(layer, inputs, n)
     return inputs.shape[0] == n and inputs.ndim == (2 if isinstance(layer, nn.Linear) else 4)
 
 
@@ -76,25 +98,30 @@ def _layer_factors(
     owners: list[tuple[nn.Module, str] | None],
     X: Inputs,
     create_graph: bool,
-) -> tuple[dict[int, tuple[Tensor | tuple[Tensor, ...], Tensor]], Tensor]:
-    """``(G, a)`` of every layer in ``owners`` that sees one input per sample.
+) -> tuple[dict[int, dict[str, Factors]], Tensor]:
+    """The factors of every layer in ``owners`` that sees one input per sample.
 
     One forward pass with hooks on those layers and one backward pass per output. A layer
     that runs more or less than once, or sees other than one ``(batch, in)`` input (a
-    Linear) or ``(batch, in, H, W)`` image (a Conv2d), for example a sequence or rows folded
-    into its batch, is left out. The hooks hand a copy of each output on, so that in-place
-    operations after a layer (``ReLU(inplace=True)``) leave the captured output, and the
-    gradients taken at it, as the layer computed it.
+    Linear), ``(batch, in, H, W)`` image (a Conv2d) or ``(batch, *)`` input (a
+    normalisation layer), for example a sequence or rows folded into its batch, is left
+    out. The hooks hand a copy of each output on, so that in-place operations after a
+    layer (``ReLU(inplace=True)``) leave the captured output, and the gradients taken at
+    it, as the layer computed it; a normalisation layer's input is normalised in its hook,
+    before later operations can change it.
 
     Returns:
-        ``({id(layer): (G, a)}, f)``; for a Conv2d ``G`` is one ``(batch, out, L)``
-        tensor per output and ``a`` the patches ``(batch, in * kh * kw, L)``.
+        ``({id(layer): {"weight": factors, "bias": factors}}, f)`` with the factors of
+        :func:`linear_jacobian_factors`.
     """
     layers = {id(o[0]): o[0] for o in owners if o is not None}
     captured: dict[int, list[tuple[Tensor, Tensor]]] = {key: [] for key in layers}
 
     def hook(layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-        captured[id(layer)].append((inputs[0], output))
+        kept = inputs[0]
+        if factored_norm(layer):
+            kept = normalized_input(layer, kept if create_graph else kept.detach())
+        captured[id(layer)].append((kept, output))
         return output.clone()
 
     handles = [layer.register_forward_hook(hook) for layer in layers.values()]
@@ -114,22 +141,49 @@ def _layer_factors(
     if not kept:
         return {}, f
     outputs = [output for _, output in kept.values()]
+    per_layer: list[list[Any]] = [[] for _ in kept]
     with torch.enable_grad():  # the caller may predict under torch.no_grad()
-        per_output = [
-            torch.autograd.grad(
+        for c in range(f.shape[1]):
+            grads = torch.autograd.grad(
                 f[:, c].sum(), outputs, retain_graph=True, create_graph=create_graph
             )
-            for c in range(f.shape[1])
-        ]
-    factors = {}
-    for index, (key, (inputs, _)) in enumerate(kept.items()):
-        conv = factored_conv(layers[key])
-        if conv is None:
-            factors[key] = (torch.stack([g[index] for g in per_output], 1), inputs)
-        else:  # not stacked: one (batch, outputs, out, L) tensor would double the memory
-            patches = conv_patches(inputs if create_graph else inputs.detach(), conv)
-            factors[key] = (tuple(g[index].flatten(2) for g in per_output), patches)
+            for parts, (key, (inputs, _)), g in zip(per_layer, kept.items(), grads):
+                parts.append(_reduced_gradient(layers[key], g, inputs))
+    factors = {
+        key: _assembled(layers[key], parts, inputs, create_graph)
+        for parts, (key, (inputs, _)) in zip(per_layer, kept.items())
+    }
     return factors, f
+
+
+def _reduced_gradient(
+    layer: nn.Module, g: Tensor, inputs: Tensor
+) -> Tensor | tuple[Tensor, Tensor]:
+    """What a layer keeps of one output's gradient ``g`` at its output: ``g`` (a Linear),
+    ``g`` flattened over the positions (a Conv2d, ``(batch, out, L)``), or the Jacobian rows
+    of ``gamma`` and ``beta`` (a normalisation layer, :mod:`laplace.utils.norm_jacobians`;
+    ``inputs`` is then ``xhat``), reduced at once so that no gradient of its size is kept."""
+    if factored_norm(layer):
+        return position_sums(layer, g * inputs), position_sums(layer, g)
+    return g if isinstance(layer, nn.Linear) else g.flatten(2)
+
+
+def _assembled(
+    layer: nn.Module, parts: list[Any], inputs: Tensor, create_graph: bool
+) -> dict[str, Factors]:
+    """A layer's weight and bias factors from its reduced gradients (one entry of ``parts``
+    per output, from :func:`_reduced_gradient`) and its input (``xhat`` of a
+    normalisation layer)."""
+    if factored_norm(layer):
+        return {kind: (torch.stack([p[i] for p in parts], 1),) for i, kind in enumerate(_KINDS)}
+    conv = factored_conv(layer)
+    if conv is None:
+        G = torch.stack(parts, 1)
+        return {"weight": (G, inputs), "bias": (G,)}
+    # not stacked: one (batch, outputs, out, L) tensor would double the memory
+    patches = conv_patches(inputs if create_graph else inputs.detach(), conv)
+    bias = torch.stack([g.sum(-1) for g in parts], 1)
+    return {"weight": (tuple(parts), patches), "bias": (bias,)}
 
 
 def linear_jacobian_factors(
@@ -156,29 +210,28 @@ def linear_jacobian_factors(
         ``(batch, in_features)``; for a Conv2d weight ``G`` is a tuple of one
         ``(batch, out, L)`` gradient per output and ``a`` the patches
         ``(batch, in * kh * kw, L)`` at the ``L`` output positions, and its bias gets ``G``
-        summed over them and stacked, ``(batch, outputs, out)``; ``f`` the outputs. None if
-        a parameter is not a supported layer's or is tied to another module, a layer runs
-        more than once, or a layer sees more (or fewer) than one input per sample, also when
-        they are folded into its batch dimension.
+        summed over them and stacked, ``(batch, outputs, out)``; the ``gamma`` and ``beta``
+        of a normalisation layer get their dense rows ``(G,)``, ``(batch, outputs,
+        channels)`` (:mod:`laplace.utils.norm_jacobians`); ``f`` the outputs. None if a
+        parameter is not a supported layer's or is tied to another module, a layer runs more
+        than once, a layer sees more (or fewer) than one input per sample, also when they are
+        folded into its batch dimension, or a batch normalisation layer normalises with the
+        batch's statistics (:func:`~laplace.utils.norm_jacobians.uses_batch_statistics`;
+        checked before any forward pass, so that its running statistics stay unchanged).
 
     Shapes:
         ``-> [(batch, outputs, out), (batch, in)] or [(batch, outputs, out)]``,
         ``(batch, outputs)``
     """
+    if uses_batch_statistics(model):
+        return None  # the samples' outputs depend on each other
     owners = _owners(model, params, convolutions)
     if any(o is None for o in owners):
         return None
     layer_factors, f = _layer_factors(model, owners, X, create_graph)
     if f.ndim != 2 or len(layer_factors) != len({id(layer) for layer, _ in owners}):
         return None  # e.g. a layer that sees several vectors per sample, folded into its batch
-    factors: list[Factors] = []
-    for layer, kind in owners:
-        G, a = layer_factors[id(layer)]
-        if kind == "weight":
-            factors.append((G, a))
-        else:
-            is_conv = isinstance(G, tuple)
-            factors.append((torch.stack([g.sum(-1) for g in G], 1) if is_conv else G,))
+    factors = [layer_factors[id(layer)][kind] for layer, kind in owners]
     if not create_graph:
         factors = map_factors(factors, Tensor.detach)
         f = f.detach()
@@ -206,28 +259,27 @@ def partial_linear_factors(
     model: nn.Module, params: Mapping[str, Tensor], X: Inputs
 ) -> tuple[dict[str, tuple[Tensor, ...]], Tensor]:
     """Detached Jacobian factors of those ``params`` that belong to Linear layers seeing one
-    vector per sample (see :func:`linear_jacobian_factors`); the other parameters are left
-    out.
+    vector per sample, ``(G, a)`` and ``(G,)``, or to normalisation layers, ``(G,)`` (see
+    :func:`linear_jacobian_factors`); the other parameters are left out.
 
     Returns:
         ``({name: (G, a) or (G,)}, f)`` with the detached outputs ``f``.
     """
     owners = _owners(model, params)
     layer_factors, f = _layer_factors(model, owners, X, create_graph=False)
-    factors = {}
-    for name, owner in zip(params, owners):
-        if owner is not None and id(owner[0]) in layer_factors:
-            G, a = layer_factors[id(owner[0])]
-            factors[name] = (G.detach(), a.detach()) if owner[1] == "weight" else (G.detach(),)
-    return factors, f.detach()
+    kept = [(name, o) for name, o in zip(params, owners) if o and id(o[0]) in layer_factors]
+    blocks = map_factors([layer_factors[id(o[0])][o[1]] for _, o in kept], Tensor.detach)
+    return {name: block for (name, _), block in zip(kept, blocks)}, f.detach()
 
 
-def factored_gram_diagonal(factors: list[tuple[Tensor, ...]], root: Tensor | None) -> Tensor:
+def factored_gram_diagonal(factors: list[Factors], root: Tensor | None) -> Tensor:
     """Diagonal of ``sum_n J_n^T R_n^T R_n J_n`` from the Jacobian factors of each parameter.
 
-    With ``M_n = R_n G_n`` (rows ``k``), a weight's Jacobian rows are ``M_nk a_n^T``, so the
-    diagonal is ``sum_n (sum_k M_nk^2) (a_n^2)^T``: one ``(out, batch) @ (batch, in)`` product
-    per layer, without a ``(batch, outputs, params)`` tensor. A bias gives ``sum_n sum_k M_nk^2``.
+    With ``M_n = R_n G_n`` (rows ``k``), a linear weight's Jacobian rows are ``M_nk a_n^T``,
+    so the diagonal is ``sum_n (sum_k M_nk^2) (a_n^2)^T``: one ``(out, batch) @ (batch, in)``
+    product per layer, without a ``(batch, outputs, params)`` tensor. Dense rows (a bias, a
+    normalisation layer's parameters) give ``sum_n sum_k M_nk^2``, a convolution's weight
+    :func:`~laplace.utils.conv_jacobians.conv_gram_diagonal`.
 
     Args:
         factors: Per parameter ``(G, a)`` or ``(G,)`` as :func:`linear_jacobian_factors`
@@ -239,11 +291,16 @@ def factored_gram_diagonal(factors: list[tuple[Tensor, ...]], root: Tensor | Non
 
     Shapes:
         ``G``: ``(batch, outputs, out)``; ``a``: ``(batch, in)``; ``root``:
-        ``(batch, k, outputs)`` -> ``(params,)``
+        ``(batch, k, outputs)`` (a Conv2d weight: ``G [(batch, out, L)] * outputs``,
+        ``a (batch, in, L)``) -> ``(params,)``
     """
     parts = []
     for block in factors:
-        rows = block[0] if root is None else torch.einsum("bkc,bco->bko", root, block[0])
+        G = block[0]
+        if isinstance(G, tuple):
+            parts.append(conv_gram_diagonal(G, block[1], root).flatten())
+            continue
+        rows = G if root is None else root @ G
         weights = rows.square().sum(1)
         if len(block) == 2:
             parts.append((weights.T @ block[1].square()).flatten())
