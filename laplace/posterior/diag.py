@@ -20,7 +20,7 @@ from laplace.posterior.base import Curvature, NotPositiveDefiniteError, Posterio
 from laplace.posterior.dense import linear_layer_outputs
 from laplace.utils.data import all_finite
 from laplace.utils.enums import HessianStructure
-from laplace.utils.precision import accumulation_dtype, compute_dtype
+from laplace.utils.precision import accumulation_dtype, compute_dtype, long_matmul
 
 __all__ = ["DiagCurvature", "DiagPosterior"]
 
@@ -90,18 +90,18 @@ class DiagPosterior(Posterior):
     def inv_quad(self, Js: Tensor) -> Tensor:
         _check_rows(Js, (3,), self.n_params, "Js")
         Js = Js.to(self._work_dtype)
-        return self._out(torch.einsum("bop,p,bkp->bok", Js, self._inverse(Js), Js))
+        return self._out(long_matmul(Js, Js.mT, self._inverse(Js)))
 
     def inv_quad_joint(self, Js: Tensor) -> Tensor:
         _check_rows(Js, (2,), self.n_params, "Js")
         Js = Js.to(self._work_dtype)
-        return self._out((Js * self._inverse(Js)) @ Js.mT)
+        return self._out(long_matmul(Js, Js.mT, self._inverse(Js)))
 
     def inv_bilinear(self, A: Tensor, B: Tensor) -> Tensor:
         _check_rows(A, (2,), self.n_params, "A")
         _check_rows(B, (2,), self.n_params, "B")
         A, B = A.to(self._work_dtype), B.to(self._work_dtype)
-        return self._out((A * self._inverse(A)) @ B.mT)
+        return self._out(long_matmul(A, B.mT, self._inverse(A)))
 
     def sample(self, n_samples: int, generator: torch.Generator | None = None) -> Tensor:
         reference = self._precision

@@ -30,6 +30,16 @@ themselves, the round-off the rows already carry. Doing them in float64 would do
 predictive's cost on a CPU and cost far more on most GPUs, for no accuracy the inputs
 could give.
 
+One kind of these products is the exception: those whose inner dimension is the number of
+parameters of a big model (``J diag(v) J^T`` for a diagonal posterior, ``J U`` for a
+low-rank one). A float32 matrix product sums its inner dimension in float32, and over
+millions of terms the round-off grows well past ``eps`` (measured: 5e-4 relative for the GLM
+variance of an 11M-parameter ResNet-18 under a diagonal posterior, against 2e-6 for the
+factored path that sums per layer). :func:`long_matmul` splits such an inner dimension into
+chunks of ``2**16``, multiplies each in the compute dtype and adds the partial products in
+the accumulation dtype: the cost is that of the plain product, the error that of a product of
+``2**16`` terms.
+
 Apple's MPS devices have no float64; there the accumulation precision is float32.
 """
 
@@ -40,7 +50,10 @@ import itertools
 import torch
 from torch import Tensor
 
-__all__ = ["accumulation_dtype", "compute_dtype", "gram"]
+__all__ = ["accumulation_dtype", "compute_dtype", "gram", "long_matmul"]
+
+_INNER_CHUNK = 2**16
+"""Longest inner dimension :func:`long_matmul` multiplies in one product."""
 
 _GRAM_BLOCKS = 4
 """Column blocks of :func:`gram`: ``(b + 1) / (2 b)`` of the products of a full ``M^T M``."""
@@ -103,3 +116,34 @@ def gram(
             result[start:stop, start:].add_(block, alpha=scale)
             result[stop:, start:stop].add_(block[:, stop - start :].mT, alpha=scale)
     return result
+
+
+def long_matmul(A: Tensor, B: Tensor, scale: Tensor | None = None) -> Tensor:
+    """``(A * scale) @ B`` with the inner dimension summed in chunks of ``2**16`` whose
+    products are added in :func:`accumulation_dtype`.
+
+    Below ``2**16`` inner entries it is the plain product (in the inputs' dtype). The result
+    is in the accumulation dtype otherwise; callers cast it back to the model's dtype. Each
+    chunk's temporaries (``A * scale`` included) are chunk-sized.
+
+    Args:
+        A: The left factor.
+        B: The right factor (broadcast against ``A`` like ``@``).
+        scale: Optional multiplier of ``A``'s columns, ``(inner,)``.
+
+    Shapes:
+        ``A (..., m, K), B (..., K, n), scale (K,) -> (..., m, n)``
+    """
+    inner = A.shape[-1]
+    if inner <= _INNER_CHUNK:
+        return (A if scale is None else A * scale) @ B
+    total = None
+    for start in range(0, inner, _INNER_CHUNK):
+        part = A[..., start : start + _INNER_CHUNK]
+        if scale is not None:
+            part = part * scale[start : start + _INNER_CHUNK]
+        product = part @ B[..., start : start + _INNER_CHUNK, :]
+        product = product.to(accumulation_dtype(product.dtype, product.device))
+        total = product if total is None else total + product
+    assert total is not None
+    return total
