@@ -398,21 +398,33 @@ class ParametricLaplace(EvidenceMixin, BudgetedJacobiansMixin, BaseLaplace):
         """
         if not self.enable_backprop:
             check_finite_inputs(X)
-        if self._factored_predictive and not joint and isinstance(self.subset, AllWeights):
-            factored = self._memo(
-                "factors",
-                X,
-                lambda: linear_jacobian_factors(
-                    self.model,
-                    self.subset.named_params,
-                    X,
-                    create_graph=self.enable_backprop,
-                    convolutions=True,
-                ),
-            )
-            if factored is not None:
-                return factored[1], self._factored_variance(factored[0])
+        if not joint:
+            moments = self._factored_moments(X)
+            if moments is not None:
+                return moments
         return self._jacobian_moments(X, joint)
+
+    def _factored_moments(self, X: Inputs) -> tuple[Tensor, Tensor] | None:
+        """``(f_mu, f_var)`` layer by layer (:meth:`_factored_variance`) from the Jacobian
+        factors of an all-weights approximation whose structure has a factored predictive
+        and whose network has factors
+        (:func:`~laplace.utils.linear_jacobians.linear_jacobian_factors`); None otherwise."""
+        if not (self._factored_predictive and isinstance(self.subset, AllWeights)):
+            return None
+        factored = self._memo(
+            "factors",
+            X,
+            lambda: linear_jacobian_factors(
+                self.model,
+                self.subset.named_params,
+                X,
+                create_graph=self.enable_backprop,
+                convolutions=True,
+            ),
+        )
+        if factored is None:
+            return None
+        return factored[1], self._factored_variance(factored[0])
 
     def _nn_samples(
         self, X: Inputs, n_samples: int, generator: torch.Generator | None, **model_kwargs: Any

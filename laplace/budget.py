@@ -19,8 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from laplace.subsets import AllWeights
-from laplace.utils.data import Inputs, batch_size
+from laplace.utils.data import Inputs, batch_size, check_finite_inputs
 from laplace.utils.memory import get_memory_budget, glm_sample_count, rows_within_budget
 
 __all__ = ["BudgetedJacobiansMixin"]
@@ -51,16 +50,21 @@ class BudgetedJacobiansMixin:
             yield part, y[start : start + size]
 
     def _glm_predictive_diagonal(self, X: Inputs) -> tuple[Tensor, Tensor]:
-        """Marginal variances; where one input's Jacobian exceeds the budget, exactly from
-        Jacobian rows of a few outputs at a time (:meth:`_output_chunk_variances`) instead
-        of the Monte Carlo estimate, for approximations without a factored predictive."""
+        """Marginal variances; where one input's Jacobian exceeds the budget, exactly: layer
+        by layer where the network has Jacobian factors (all-weights Kron and diagonal
+        posteriors), otherwise from Jacobian rows of a few outputs at a time
+        (:meth:`_output_chunk_variances`), instead of the Monte Carlo estimate."""
         n = batch_size(X, self.dict_key_x)
         exceeds = self._bytes_per_input() > get_memory_budget()
-        factored = self._factored_predictive and isinstance(self.subset, AllWeights)
-        if not exceeds or factored or n == 0 or not isinstance(X, Tensor):
+        if not exceeds or n == 0 or not isinstance(X, Tensor):
             return super()._glm_predictive_diagonal(X)
         if not hasattr(self.subset, "output_rows"):
             return super()._glm_predictive_diagonal(X)
+        if not self.enable_backprop:
+            check_finite_inputs(X)
+        moments = self._factored_moments(X)
+        if moments is not None:
+            return moments[0], moments[1].diagonal(dim1=-2, dim2=-1)
         return self._output_chunk_variances(X)
 
     def _output_chunk_variances(self, X: Tensor) -> tuple[Tensor, Tensor]:

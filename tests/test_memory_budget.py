@@ -170,14 +170,49 @@ def test_low_rank_dense_and_matrix_free_routes_agree(likelihood, monkeypatch):
     torch.testing.assert_close(dense.loss, free.loss)
 
 
-@pytest.mark.parametrize(
-    "subset,structure", [("all", "full"), ("all", "lowrank"), ("subnetwork", "full")]
-)
-def test_exact_marginal_variances_from_a_few_outputs_at_a_time(subset, structure, monkeypatch):
+class ReusedLayerMLP(torch.nn.Module):
+    """An MLP that applies one hidden layer twice: a layer that runs twice has no Jacobian
+    factors, so Kron and diagonal posteriors have no factored predictive (K-FAC still fits
+    it, with curvlinops' operator)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.hidden, self.last = (
+            torch.nn.Linear(3, 5),
+            torch.nn.Linear(5, 5),
+            torch.nn.Linear(5, 3),
+        )
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.first(x))
+        h = torch.tanh(self.hidden(torch.tanh(self.hidden(h))))
+        return self.last(h)
+
+
+EXACT_CASES = [
+    ("all", "full", "mlp"),
+    ("all", "lowrank", "mlp"),
+    ("subnetwork", "full", "mlp"),
+    ("all", "kron", "reused"),
+    ("all", "diag", "reused"),
+    ("all", "kron", "mlp"),
+    ("all", "diag", "mlp"),
+]
+
+
+@pytest.mark.parametrize("subset,structure,model_kind", EXACT_CASES, ids=str)
+def test_exact_marginal_variances_from_a_few_outputs_at_a_time(
+    subset, structure, model_kind, monkeypatch
+):
     """When one input's Jacobian exceeds the budget but two output rows fit, the marginal
-    variances (probit, diagonal outputs) are exact, from rows of two outputs at a time: the
-    dense ``diag(J P^-1 J^T)`` with brute-force Jacobians; no full Jacobian is formed."""
-    model = make_mlp(n_out=3)
+    variances (probit, diagonal outputs) are exact: the dense ``diag(J P^-1 J^T)`` with
+    brute-force Jacobians; no full Jacobian is formed. They come from rows of two outputs at
+    a time, or (all-weights Kron and diag of a network with Jacobian factors) layer by layer;
+    a Kron or diag posterior of a network without factors (a reused layer) takes the rows too,
+    not the Monte Carlo estimate of the joint covariance."""
+    model = make_mlp(n_out=3) if model_kind == "mlp" else ReusedLayerMLP()
     x, y = make_data("classification", n=10, n_out=3)
     la = fitted(model, "classification", subset, structure, x, y)
     Js = dense_jacobians(model, x)
