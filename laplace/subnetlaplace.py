@@ -30,7 +30,13 @@ from torch import Tensor, nn
 from laplace.baselaplace import DiagLaplace, FullLaplace, ParametricLaplace
 from laplace.posterior.base import Curvature
 from laplace.subsets import Subnetwork
+from laplace.utils.data import Inputs
 from laplace.utils.enums import HessianStructure, Likelihood
+from laplace.utils.linear_jacobians import (
+    factored_diagonal_variance,
+    linear_jacobian_factors,
+    map_factors,
+)
 
 __all__ = ["SubnetLaplace", "FullSubnetLaplace", "DiagSubnetLaplace"]
 
@@ -222,6 +228,40 @@ class FullSubnetLaplace(SubnetLaplace, FullLaplace):
 class DiagSubnetLaplace(SubnetLaplace, DiagLaplace):
     """Subnetwork Laplace approximation with a diagonal posterior precision.
 
+    Its GLM variance ``J_S diag(v) J_S^T`` over the subnetwork's columns ``S`` is the
+    all-weights one with zero variance outside ``S``, so networks with Jacobian factors
+    (:func:`~laplace.utils.linear_jacobians.linear_jacobian_factors`) get it layer by layer
+    from the factors of the parameter tensors that hold subnetwork entries, without the
+    ``(batch, outputs, params)`` Jacobians.
+
     Shapes:
         ``P: (n_params_subnet,)``
     """
+
+    def _factored_moments(self, X: Inputs) -> tuple[Tensor, Tensor] | None:
+        """``(f_mu, f_var)`` from the Jacobian factors (the class docstring), or None where
+        the network has none."""
+        named = self.subset.named_params
+        factored = self._memo(
+            "factors",
+            X,
+            lambda: linear_jacobian_factors(
+                self.model, named, X, create_graph=self.enable_backprop, convolutions=True
+            ),
+        )
+        if factored is None:
+            return None
+        factors, f = factored
+        variance = self.posterior_variance
+        full = variance.new_zeros(self.subset.n_model_params)
+        full = full.index_copy(0, self.subset.indices, variance)
+        kept, parts, start = [], [], 0
+        held = torch.zeros(self.subset.n_model_params, dtype=torch.bool)
+        held[self.subset.indices.cpu()] = True
+        for block, size in zip(factors, self.subset.all_weights.sizes):
+            if held[start : start + size].any():
+                kept.append(block)
+                parts.append(full[start : start + size])
+            start += size
+        kept = map_factors(kept, lambda t: t.to(full.dtype))
+        return f, factored_diagonal_variance(kept, torch.cat(parts))

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import laplace.utils.conv_jacobians as conv_jacobians
-from laplace import DiagLaplace, FullLaplace, KronLaplace
+from laplace import DiagLaplace, DiagSubnetLaplace, FullLaplace, KronLaplace
 from laplace.utils.conv_jacobians import factored_conv_form
 from laplace.utils.linear_jacobians import linear_jacobian_factors, partial_linear_factors
 from laplace.utils.matrix import Kron, KronDecomposed
@@ -350,3 +350,64 @@ def test_float32_cnn_against_float64_truth(monkeypatch, structure):
     error = T.scaled_error(f_var, truth)
     assert error <= 1e-3, error
     assert error <= T.tolerance(T.scaled_error(jacobian_path, truth)), error
+
+
+def subnet_indices(model: nn.Module, first_tensor_only: bool) -> torch.Tensor:
+    """Every third parameter, or (``first_tensor_only``) a few entries of the first tensor
+    only, so that the other tensors' factors are skipped."""
+    n = sum(p.numel() for p in model.parameters())
+    if first_tensor_only:
+        return torch.tensor([0, 2, 5])
+    return torch.arange(1, n, 3)
+
+
+@pytest.mark.parametrize("first_tensor_only", [False, True], ids=["spread", "one_tensor"])
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+@pytest.mark.parametrize("model_kind", list(MODELS))
+def test_diag_subnetwork_variance_from_factors_matches_dense(
+    monkeypatch, model_kind, likelihood, first_tensor_only
+):
+    """A diagonal subnetwork posterior over CNN weights: ``J_S diag(v) J_S^T`` with the
+    brute-force Jacobians' subnetwork columns, without the Jacobian path."""
+    torch.manual_seed(0)
+    n_out = 3 if likelihood == "classification" else 2
+    model = MODELS[model_kind](n_out).double()
+    g = torch.Generator().manual_seed(3)
+    x = images(16, seed=1)
+    y = torch.randint(n_out, (16,), generator=g)
+    if likelihood == "regression":
+        y = torch.randn(16, n_out, generator=g)
+    indices = subnet_indices(model, first_tensor_only)
+    la = DiagSubnetLaplace(model, likelihood, indices, prior_precision=0.7)
+    la.fit(DataLoader(TensorDataset(x, y), batch_size=8))
+    x_test = images(5, seed=2)
+    Js = dense_jacobians(model, x_test)[:, :, indices]
+    expected = Js @ torch.diag(la.posterior_variance) @ Js.mT
+    no_jacobians(monkeypatch, la)
+    f_mu, f_var = la._glm_predictive_distribution(x_test)
+    torch.testing.assert_close(f_var, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(f_mu, model(x_test))
+
+
+def test_float32_diag_subnetwork_variance_against_float64_truth(monkeypatch):
+    """A float32 ReLU CNN (dead units, prior 1e-2, a subnetwork of half the weights): the
+    factored subnetwork variance against the truth from the same weights, data and
+    posterior variances in float64, within the floor-based tolerance of tests/float32_truth.py
+    (the float32 network's own Jacobians upcast set the floor)."""
+    model = T.relu_cnn(3, seed=0)
+    x, y = T.make_data("classification", 60, 3, (1, 8, 8), seed=1)
+    n = sum(p.numel() for p in model.parameters())
+    indices = torch.arange(0, n, 2)
+    la = DiagSubnetLaplace(model, "classification", indices, prior_precision=1e-2)
+    la.fit(DataLoader(TensorDataset(x, y), batch_size=20))
+    x_test = x[:10]
+    variance = la.posterior_variance.double()
+    truth_J = T.jacobians(copy.deepcopy(model).double(), x_test.double())[0][:, :, indices]
+    floor_J = T.jacobians(model, x_test)[0].double()[:, :, indices]
+    truth = truth_J @ torch.diag(variance) @ truth_J.mT
+    floor = floor_J @ torch.diag(variance) @ floor_J.mT
+    no_jacobians(monkeypatch, la)
+    _, f_var = la._glm_predictive_distribution(x_test)
+    assert f_var.dtype == torch.float32
+    floor_error = T.scaled_error(floor, truth)
+    assert T.scaled_error(f_var.double(), truth) <= T.tolerance(floor_error)

@@ -20,9 +20,13 @@ neither a forward-mode derivative nor a derivative of their backward pass.
 raises the error of a :class:`FastPath` it cannot take (:func:`cannot_take`; only those errors,
 any other propagates) it remembers that the module cannot take that path and runs the
 fallback, now and in every later call for that module, so a fast path fails at most once per
-module (once per fit in practice). The fallbacks compute the same numbers: per-sample
-Jacobians from each sample run as a batch of one with one ordinary backward pass per output
-(:func:`looped_jacobians`, :func:`jacobian_rows`), per-sample gradients from one forward
+module (once per fit in practice). Any other error of the fast path gets the fallback too,
+once: if the fallback computes the result, the fast path was at fault (PyTorch's batching
+rules have bugs: ``vmap`` of ``jacrev`` through ``nn.PReLU`` mismatches shapes in torch
+2.14), the module is marked and a warning logged; if the fallback fails as well, the fast
+path's error propagates (a bug of the model, say). The fallbacks compute the same numbers:
+per-sample Jacobians from each sample run as a batch of one with one ordinary backward pass
+per output (:func:`looped_jacobians`, :func:`jacobian_rows`), per-sample gradients from one forward
 pass over the batch and one backward pass per sample loss; the rows of a backward
 pass one at a time; the forward-mode products with attention computed by PyTorch's composite
 "math" kernel (:func:`math_attention`), which every autodiff mode differentiates.
@@ -116,7 +120,8 @@ def run_with_fallback(
     """``fast()``, or ``fallback()`` where ``module`` cannot take ``path``.
 
     The first error of :func:`cannot_take` marks ``module``: every later call for it runs
-    ``fallback`` directly. Other errors propagate.
+    ``fallback`` directly. After another error, ``fallback`` runs once: its result marks
+    ``module`` (with a logged warning), its failure re-raises the fast path's error.
 
     Args:
         module: The module the computation runs (the verdict is kept per module).
@@ -132,16 +137,40 @@ def run_with_fallback(
     try:
         return fast()
     except (RuntimeError, NotImplementedError) as error:
-        if not cannot_take(path, error):
-            raise
-        logger.info(
-            "%s cannot take %s (%s); using the fallback from now on",
-            type(module).__name__,
-            path.value,
-            str(error).splitlines()[0][:200],
-        )
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        if cannot_take(path, error):
+            logger.info(
+                "%s cannot take %s (%s); using the fallback from now on",
+                type(module).__name__,
+                path.value,
+                reason,
+            )
+            _lacking.setdefault(module, set()).add(path)
+            return fallback()
+        result = _fallback_or_raise(fallback, error)
+    logger.warning(
+        "%s failed on %s with an error that is not %s's own (%s), but the fallback computes "
+        "it; using the fallback from now on",
+        type(module).__name__,
+        path.value,
+        path.name.lower(),
+        reason,
+    )
     _lacking.setdefault(module, set()).add(path)
-    return fallback()
+    return result
+
+
+def _fallback_or_raise(fallback: Callable[[], T], error: BaseException) -> T:
+    """``fallback()``, or ``error`` raised again where the fallback fails too.
+
+    An error the fast path does not label as its own is either a bug of the model (which the
+    fallback meets as well) or one of PyTorch's batching rules (``vmap`` of ``jacrev``
+    through ``nn.PReLU`` mismatches shapes in torch 2.14): the fallback tells them apart.
+    """
+    try:
+        return fallback()
+    except Exception:
+        raise error from None
 
 
 def math_attention(module: nn.Module, compute: Callable[[], T]) -> T:
