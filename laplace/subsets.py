@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from laplace.curvature._fallback import FastPath, lacks
 from laplace.utils.data import Inputs
 from laplace.utils.feature_extractor import FeatureExtractor
 
@@ -80,7 +81,11 @@ class AllWeights:
         def selected(params: dict[str, Tensor], x: Tensor) -> Tensor:
             return functional_call(self.model, params, (x.unsqueeze(0),))[0, outputs]
 
-        rows = torch.func.vmap(torch.func.jacrev(selected), in_dims=(None, 0))(primals, X)
+        if lacks(self.model, FastPath.VMAP):  # one sample at a time
+            per_sample = [torch.func.jacrev(selected)(primals, x) for x in X]
+            rows = {name: torch.stack([r[name] for r in per_sample]) for name in primals}
+        else:
+            rows = torch.func.vmap(torch.func.jacrev(selected), in_dims=(None, 0))(primals, X)
         return torch.cat([rows[name].flatten(2) for name in primals], dim=2)
 
     def linearized_at(self, X: Inputs, deltas: Tensor) -> Tensor:

@@ -1,9 +1,11 @@
 """The fallbacks of the vectorised autodiff paths against brute-force Jacobians.
 
 ``torch.func.vmap`` of ``jacrev`` through ``nn.PReLU`` raises a shape mismatch in torch 2.14
-(a bug of its batching rule, not an error ``vmap`` labels as its own): the per-sample loop
-must take over and give the Jacobians that ``torch.func.jacrev`` gives one sample at a time,
-while a model that fails in the loop too must still raise its own error.
+for most batch sizes and, when the batch size equals the number of outputs, returns wrong
+Jacobians without an error: networks with a PReLU never take that path, and their
+Jacobians, curvatures and predictives must equal those of brute-force Jacobians computed one
+sample at a time. An error of a fast path that is not its own gets the fallback once: its
+result is taken, or, where it fails too, the fast path's error is raised.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import logging
 
 import pytest
 import torch
-from groundtruth import dense_jacobians
+from groundtruth import dense_ggn, dense_jacobians
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace import Laplace
 from laplace.curvature import GGNInterface
 from laplace.curvature._fallback import FastPath, lacks, run_with_fallback
+from laplace.subsets import AllWeights
 
 
 def prelu_mlp() -> nn.Module:
@@ -26,25 +29,40 @@ def prelu_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 6), nn.PReLU(), nn.Linear(6, 4)).double()
 
 
-def test_prelu_jacobians_fall_back_to_the_loop(caplog):
+@pytest.mark.parametrize("n", [4, 7], ids=["batch_equals_outputs", "other_batch"])
+def test_prelu_jacobians_match_brute_force(n):
     model = prelu_mlp()
-    x = torch.randn(7, 3)
-    with caplog.at_level(logging.WARNING, logger="laplace.curvature._fallback"):
-        Js, f = GGNInterface(model, "classification").jacobians(x)
+    x = torch.randn(n, 3)
+    Js, f = GGNInterface(model, "classification").jacobians(x)
     torch.testing.assert_close(Js, dense_jacobians(model, x))
     torch.testing.assert_close(f, model(x).detach())
     assert lacks(model, FastPath.VMAP)
+    rows = AllWeights(model).output_rows(x, slice(1, 3))
+    torch.testing.assert_close(rows, dense_jacobians(model, x)[:, 1:3])
+
+
+def test_an_unlabelled_error_of_the_fast_path_takes_the_fallback(caplog):
+    module = nn.Linear(2, 2)
+
+    def fast():
+        raise RuntimeError("The size of tensor a (5) must match the size of tensor b (4)")
+
+    with caplog.at_level(logging.WARNING, logger="laplace.curvature._fallback"):
+        assert run_with_fallback(module, FastPath.VMAP, fast, lambda: "looped") == "looped"
     assert "the fallback computes it" in caplog.text
+    assert lacks(module, FastPath.VMAP)
 
 
 def test_prelu_network_fits_and_predicts_like_the_dense_glm():
-    """All-weights diag Laplace of a PReLU network (its slope has no Jacobian factors):
-    ``J diag(1 / p) J^T`` with brute-force Jacobians."""
+    """All-weights diag Laplace of a PReLU network (its slope has no Jacobian factors): the
+    diagonal of the brute-force GGN, and ``J diag(1 / p) J^T`` with brute-force Jacobians."""
     model = prelu_mlp()
     x, y = torch.randn(12, 3), torch.randint(4, (12,))
     la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag")
-    la.fit(DataLoader(TensorDataset(x, y), batch_size=4))
+    la.fit(DataLoader(TensorDataset(x, y), batch_size=4))  # batches of 4 = the outputs
     Js = dense_jacobians(model, x)
+    H = dense_ggn(model, x, y, "classification")
+    torch.testing.assert_close(la.H, H.diagonal())
     truth = torch.einsum("bcp,p,bdp->bcd", Js, la.posterior_variance, Js)
     torch.testing.assert_close(la._glm_predictive_distribution(x)[1], truth)
 

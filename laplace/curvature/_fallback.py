@@ -109,9 +109,22 @@ def cannot_take(path: FastPath, error: BaseException) -> bool:
     return any(marker in message for marker in _BATCHING_MARKERS)
 
 
+_WRONG_UNDER_VMAP: tuple[type[nn.Module], ...] = (nn.PReLU,)
+"""Layers whose ``vmap`` of ``jacrev`` PyTorch gets wrong (torch 2.14): through ``nn.PReLU``
+it raises a shape mismatch for most batch sizes and, when the batch size equals the number
+of outputs, returns wrong per-sample Jacobians without an error. A module that contains one
+never takes ``FastPath.VMAP``."""
+
+
 def lacks(module: nn.Module, path: FastPath) -> bool:
-    """Whether ``module`` has been found unable to take ``path``."""
-    return path in _lacking.get(module, ())
+    """Whether ``module`` has been found unable to take ``path`` (or is known to be:
+    :data:`_WRONG_UNDER_VMAP`)."""
+    if path in _lacking.get(module, ()):
+        return True
+    if path == FastPath.VMAP and any(isinstance(m, _WRONG_UNDER_VMAP) for m in module.modules()):
+        _lacking.setdefault(module, set()).add(path)
+        return True
+    return False
 
 
 def run_with_fallback(
