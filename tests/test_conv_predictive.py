@@ -411,3 +411,11 @@ def test_float32_diag_subnetwork_variance_against_float64_truth(monkeypatch):
     assert f_var.dtype == torch.float32
     floor_error = T.scaled_error(floor, truth)
     assert T.scaled_error(f_var.double(), truth) <= T.tolerance(floor_error)
+
+
+@pytest.mark.parametrize("L", [1, 4, 16])
+def test_left_rotation_equals_the_broadcast_product(L):
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(3, 5, 6, L, generator=g)
+    Q = torch.linalg.qr(torch.randn(6, 6, generator=g))[0]
+    torch.testing.assert_close(conv_jacobians._left_rotate(Q, X), Q.mT @ X)

@@ -97,6 +97,25 @@ def _rotate_patches(patches: Tensor, Q: Tensor) -> Tensor:
     return (patches.mT.reshape(b * L, i) @ Q).view(b, L, i)
 
 
+def _left_rotate(Q: Tensor, X: Tensor) -> Tensor:
+    """``Q^T X`` over the second-to-last dimension of ``X``, as one matrix product.
+
+    ``Q.mT @ X`` broadcast over the leading dimensions runs one ``(o, o) @ (o, L)`` product
+    per leading index, matrix-vector products for ``L = 1`` (the last stage of a ResNet on
+    32x32 inputs): measured (2 CPU threads, 1,000 leading indices) 28 times slower there
+    than one ``(o, o) @ (o, rest)`` product, 4 times at ``L = 4``; at ``L = 16`` the two
+    copies of the single product already cost more (1.7 times), so from ``L = 8`` on the
+    broadcast product is kept.
+
+    Shapes:
+        ``Q (o, o), X (..., o, L) -> (..., o, L)``
+    """
+    if X.shape[-1] >= 8:
+        return Q.mT @ X
+    moved = X.movedim(-2, 0)
+    return (Q.mT @ moved.reshape(Q.shape[0], -1)).view(moved.shape).movedim(0, -2)
+
+
 class _LayerJacobian:
     """The per-sample Jacobian of a convolution's weight, ``M_c = Q_0^T (G_c a^T) Q_1``,
     for chunks of samples and outputs.
@@ -125,7 +144,7 @@ class _LayerJacobian:
         self.Q_out = None if Q_out is None or i > L else Q_out  # rotate M, not G
         self.Q_in = None if Q_in is None or C * o > L else Q_in  # rotate M, not a
         rotate_first = Q_out is not None and self.Q_out is None
-        self.G = [torch.matmul(Q_out.mT, g) for g in G] if rotate_first else list(G)
+        self.G = [_left_rotate(Q_out, g) for g in G] if rotate_first else list(G)
         rotate_first = Q_in is not None and self.Q_in is None
         self.S = _rotate_patches(patches, Q_in) if rotate_first else patches.mT
 
@@ -235,7 +254,7 @@ def _pair_form(
         rows = slice(start, start + samples)
         R = torch.stack([g[rows] for g in G], 1)  # (n, C, o, L)
         if Q_out is not None:
-            R = Q_out.mT @ R
+            R = _left_rotate(Q_out, R)
         a = patches[rows].mT if Q_in is None else _rotate_patches(patches[rows], Q_in)
         n = a.shape[0]
         T = ((a[:, :, None] * a[:, None]).reshape(-1, i) @ weight.mT).view(n, L, L, o)
