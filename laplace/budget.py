@@ -9,7 +9,9 @@ the GLM predictive that form Jacobians, planned against the budget of
 - the GLM predictive uses the whole batch, blocks of inputs (marginal variances per block;
   the joint covariance from the posterior kernel's block pairs), or, where one input's
   Jacobian does not fit, posterior samples pushed through forward-mode products
-  (``torch.func.jvp``, for all-weights and subnetwork approximations).
+  (``torch.func.jvp``, for all-weights and subnetwork approximations). Marginal variances
+  alone stay exact there: from the layers' Jacobian factors where the network has them,
+  otherwise from Jacobian rows of a few outputs at a time.
 """
 
 from __future__ import annotations
