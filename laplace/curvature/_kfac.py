@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from laplace.curvature._fallback import FastPath, run_with_fallback
 from laplace.utils.data import Inputs
+from laplace.utils.norm_jacobians import normalized_input, position_sums
 from laplace.utils.precision import gram
 
 _MAX_GRAD_ENTRIES = 2**24
@@ -159,33 +160,18 @@ def _layer_owners(
     return None if any(o is None for o in owners) else owners
 
 
-def _normalised(layer: nn.Module, a: Tensor) -> Tensor:
-    """The input of a normalisation layer normalised without its affine map, ``xhat``."""
-    if isinstance(layer, nn.LayerNorm):
-        return nn.functional.layer_norm(a, layer.normalized_shape, eps=layer.eps)
-    if isinstance(layer, nn.GroupNorm):
-        return nn.functional.group_norm(a, layer.num_groups, eps=layer.eps)
-    return nn.functional.batch_norm(
-        a, layer.running_mean, layer.running_var, training=False, eps=layer.eps
-    )
-
-
 def _norm_rows(layer: nn.Module, g: Tensor, xhat: Tensor, kind: str) -> Tensor:
     """Per-sample Jacobian rows of a normalisation layer's ``weight`` (gamma) or ``bias``
-    (beta) from the gradients ``g`` at its output, summed over each sample's positions:
-    ``d f / d gamma_ch = sum_pos g[ch, pos] xhat[ch, pos]``, ``d f / d beta_ch = sum_pos
-    g[ch, pos]``. The channels are the last dimension for ``LayerNorm``, the second
-    (after the batch) otherwise.
+    (beta) from the gradients ``g`` at its output, summed over each sample's positions
+    (:func:`~laplace.utils.norm_jacobians.position_sums`): ``d f / d gamma_ch = sum_pos
+    g[ch, pos] xhat[ch, pos]``, ``d f / d beta_ch = sum_pos g[ch, pos]``.
 
     Shapes:
         ``g (k, batch, ...)``, ``xhat (batch, ...) -> (k * batch, channels)``
     """
     if kind == "weight":
         g = g * xhat
-    rows = g.shape[0] * g.shape[1]
-    if isinstance(layer, nn.LayerNorm):
-        return g.reshape(rows, -1, g.shape[-1]).sum(dim=1)
-    return g.reshape(rows, g.shape[2], -1).sum(dim=2)
+    return position_sums(layer, g.flatten(0, 1))
 
 
 def _input_rows(layer: nn.Module, a: Tensor, reduce: bool = False) -> tuple[Tensor, int]:
@@ -259,7 +245,8 @@ def _forward(
     model: nn.Module, layers: Sequence[nn.Module], inputs: Inputs
 ) -> tuple[Tensor, dict[int, tuple[Tensor, Tensor]]] | None:
     """One forward pass with hooks on ``layers``: the output ``f`` and, per layer, its
-    detached input (``xhat``, see :func:`_normalised`, for a normalisation layer) and its
+    detached input (``xhat``, see :func:`~laplace.utils.norm_jacobians.normalized_input`, for a
+    normalisation layer) and its
     output; None if a layer runs other than once or ``f`` is not ``(batch, outputs)``.
 
     The hooks hand a copy of each output on, so that an in-place operation after a layer
@@ -271,7 +258,7 @@ def _forward(
     def hook(layer: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
         a = args[0].detach()
         if isinstance(layer, NORM_LAYERS):
-            a = _normalised(layer, a)
+            a = normalized_input(layer, a)
         seen[id(layer)].append((a, output))
         return output.clone()
 
