@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from laplace.curvature._fallback import FastPath, run_with_fallback
+from laplace.errors import UnsupportedLayerError
 from laplace.utils.data import Inputs
 from laplace.utils.norm_jacobians import normalized_input, position_sums
 from laplace.utils.precision import gram
@@ -131,6 +132,49 @@ def norm_layer_problem(layer: nn.Module) -> str | None:
     return None
 
 
+KFAC_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, *NORM_LAYERS)
+"""The layers whose parameters K-FAC has blocks for."""
+
+
+def check_kfac_layers(
+    caller: str, module: nn.Module, names: Sequence[str], params: Sequence[Tensor]
+) -> list[str]:
+    """Raise unless every parameter belongs to one of :data:`KFAC_LAYERS`, a normalisation
+    layer only without a :func:`norm_layer_problem`; the names of the normalisation layers'
+    parameters.
+
+    Args:
+        caller: Who asks, for the messages (``"CurvlinopsGGN.kron"``).
+        module: The network.
+        names: The parameters' names, in the order of ``params``.
+        params: The trainable parameters.
+
+    Raises:
+        UnsupportedLayerError: Naming the first parameter of another layer type, or of a
+            batch norm in training mode (or without running statistics), or of a
+            ``LayerNorm`` over several dimensions.
+    """
+    owners = {id(p): layer for layer in module.modules() for p in layer.parameters(recurse=False)}
+    norm_params = []
+    for name, p in zip(names, params):
+        owner = owners.get(id(p))
+        if not isinstance(owner, KFAC_LAYERS):
+            raise UnsupportedLayerError(
+                f"{caller} supports only parameters of "
+                f"{', '.join(t.__name__ for t in KFAC_LAYERS)} layers; parameter "
+                f"{name!r} belongs to {type(owner).__name__}"
+            )
+        if isinstance(owner, NORM_LAYERS):
+            problem = norm_layer_problem(owner)
+            if problem is not None:
+                raise UnsupportedLayerError(
+                    f"{caller}: parameter {name!r} belongs to a {type(owner).__name__} layer "
+                    f"that {problem}"
+                )
+            norm_params.append(name)
+    return norm_params
+
+
 def _supported(layer: nn.Module) -> bool:
     """Whether ``layer``'s parameters have blocks here: a Linear, a Conv2d whose patches are
     those of ``nn.functional.unfold``, or a normalisation layer without a
@@ -153,7 +197,7 @@ def _layer_owners(
     """``(layer, "weight" | "bias")`` per parameter, or None if a parameter has no such layer."""
     found = {}
     for layer in model.modules():
-        if isinstance(layer, (nn.Linear, nn.Conv2d, *NORM_LAYERS)) and _supported(layer):
+        if isinstance(layer, KFAC_LAYERS) and _supported(layer):
             for kind, p in layer.named_parameters(recurse=False):
                 found[id(p)] = (layer, kind)
     owners = [found.get(id(p)) for p in params]

@@ -99,12 +99,7 @@ with warnings.catch_warnings():
     )
 
 from laplace.curvature._fallback import math_attention
-from laplace.curvature._kfac import (
-    NORM_LAYERS,
-    PendingRows,
-    batch_kfac,
-    norm_layer_problem,
-)
+from laplace.curvature._kfac import PendingRows, batch_kfac, check_kfac_layers
 from laplace.curvature._operators import operator_diagonal, operator_submatrix
 from laplace.curvature._options import KFAC_OPTIONS, SAMPLING_OPTIONS, KFACApprox
 from laplace.curvature.curvature import CurvatureInterface, EFInterface, GGNInterface
@@ -117,8 +112,6 @@ __all__ = ["CurvlinopsInterface", "CurvlinopsGGN", "CurvlinopsEF", "CurvlinopsHe
 
 _GRAM_MAX_ENTRIES = 2**25
 """Most entries of the per-sample Jacobian factors for the Gram path of ``full``."""
-
-_KFAC_LAYERS = (nn.Linear, nn.Conv2d, *NORM_LAYERS)
 
 
 def _kronecker_factors(kfac: KFACLinearOperator) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -322,7 +315,9 @@ class CurvlinopsInterface(CurvatureInterface):
         spec = self._kfac_spec(generator, options)
         self._check_inputs(x)
         module, inputs = self._module_and_input(x)
-        norm_params = self._check_kfac_layers(module)
+        norm_params = check_kfac_layers(
+            f"{type(self).__name__}.kron", module, self._param_names, self.params
+        )
         native = self._batch_kfac(module, inputs, y, N, out, approx)
         if native is not None:
             return native
@@ -434,38 +429,6 @@ class CurvlinopsInterface(CurvatureInterface):
             return batch["loss"], out
         kfacs = [[self._check_finite(factor) for factor in block] for block in result[0]]
         return batch["loss"], Kron(kfacs)
-
-    def _check_kfac_layers(self, module: nn.Module) -> list[str]:
-        """Raise unless every parameter in ``params`` belongs to a Linear or Conv2d layer or
-        to a normalisation layer that does not couple the samples; return the names of the
-        normalisation layers' parameters.
-
-        Raises:
-            UnsupportedLayerError: Naming the first parameter of another layer type, or of
-                a batch norm in training mode (or without running statistics), or of a
-                ``LayerNorm`` over several dimensions.
-        """
-        owners = {
-            id(p): layer for layer in module.modules() for p in layer.parameters(recurse=False)
-        }
-        norm_params = []
-        for name, p in zip(self._param_names, self.params):
-            owner = owners.get(id(p))
-            if not isinstance(owner, _KFAC_LAYERS):
-                raise UnsupportedLayerError(
-                    f"{type(self).__name__}.kron supports only parameters of "
-                    f"{', '.join(t.__name__ for t in _KFAC_LAYERS)} layers; parameter "
-                    f"{name!r} belongs to {type(owner).__name__}"
-                )
-            if isinstance(owner, NORM_LAYERS):
-                problem = norm_layer_problem(owner)
-                if problem is not None:
-                    raise UnsupportedLayerError(
-                        f"{type(self).__name__}.kron: parameter {name!r} belongs to a "
-                        f"{type(owner).__name__} layer that {problem}"
-                    )
-                norm_params.append(name)
-        return norm_params
 
 
 class CurvlinopsGGN(CurvlinopsInterface, GGNInterface):
