@@ -13,6 +13,12 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 
+def random_spd(n: int, generator: torch.Generator) -> torch.Tensor:
+    """A random symmetric positive definite ``(n, n)`` matrix, ``R R^T + I``."""
+    root = torch.randn(n, n, generator=generator)
+    return root @ root.T + torch.eye(n)
+
+
 def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     """The parameters that require gradients, by name."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}

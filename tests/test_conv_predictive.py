@@ -9,7 +9,7 @@ import math
 import float32_truth as T
 import pytest
 import torch
-from groundtruth import dense_ggn, dense_jacobians
+from groundtruth import dense_ggn, dense_jacobians, random_spd
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -162,8 +162,7 @@ def test_linear_bias_with_or_without_the_weights_output_basis(shared):
     b, C, o, i = 5, 3, 4, 6
 
     def spd(n):
-        root = torch.randn(n, n, generator=g)
-        return root @ root.T + torch.eye(n)
+        return random_spd(n, g)
 
     B, A = spd(o), spd(i)
     kron = Kron([[B, A], [B if shared else spd(o)], [spd(2), spd(o)]]).decompose() + 0.3

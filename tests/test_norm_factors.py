@@ -11,7 +11,7 @@ import copy
 import float32_truth as T
 import pytest
 import torch
-from groundtruth import dense_ggn, dense_jacobians
+from groundtruth import dense_ggn, dense_jacobians, random_spd
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -226,8 +226,7 @@ def test_one_factor_blocks_with_the_same_basis_but_other_rows_stay_apart():
     b, C, o, i = 5, 3, 4, 6
 
     def spd(n):
-        root = torch.randn(n, n, generator=g)
-        return root @ root.T + torch.eye(n)
+        return random_spd(n, g)
 
     B, A = spd(o), spd(i)
     kron = Kron([[B, A], [B.clone()], [spd(o)]]).decompose() + 0.3
