@@ -116,12 +116,19 @@ of outputs, returns wrong per-sample Jacobians without an error. A module that c
 never takes ``FastPath.VMAP``."""
 
 
+_screened: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+"""The modules whose layers :func:`lacks` has looked at for :data:`_WRONG_UNDER_VMAP`."""
+
+
 def lacks(module: nn.Module, path: FastPath) -> bool:
     """Whether ``module`` has been found unable to take ``path`` (or is known to be:
     :data:`_WRONG_UNDER_VMAP`)."""
     if path in _lacking.get(module, ()):
         return True
-    if path == FastPath.VMAP and any(isinstance(m, _WRONG_UNDER_VMAP) for m in module.modules()):
+    if path != FastPath.VMAP or module in _screened:
+        return False
+    _screened[module] = True  # the layers are looked at once per module
+    if any(isinstance(m, _WRONG_UNDER_VMAP) for m in module.modules()):
         _lacking.setdefault(module, set()).add(path)
         return True
     return False
