@@ -10,6 +10,7 @@ result is taken, or, where it fails too, the fast path's error is raised.
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -79,3 +80,16 @@ def test_an_error_of_the_fallback_too_raises_the_fast_paths_error():
     with pytest.raises(RuntimeError, match="shape mismatch in the model"):
         run_with_fallback(module, FastPath.VMAP, fast, fallback)
     assert not lacks(module, FastPath.VMAP)
+
+
+def test_float32_prelu_jacobians_against_float64_truth():
+    """A float32 PReLU network at batch size = outputs (where the vectorised path is silently
+    wrong): the Jacobians against those of the same weights and inputs in float64, within
+    50 float32 round-offs of the largest entry."""
+    model = prelu_mlp().float()
+    x = torch.randn(4, 3, dtype=torch.float32)
+    Js, _ = GGNInterface(model, "classification").jacobians(x)
+    truth = dense_jacobians(copy.deepcopy(model).double(), x.double())
+    assert Js.dtype == torch.float32
+    eps = torch.finfo(torch.float32).eps
+    assert (Js.double() - truth).abs().max() <= 50 * eps * truth.abs().max()

@@ -311,3 +311,25 @@ def test_float32_jacobian_free_predictive_against_float64_truth(structure, monke
     sd = truth.diagonal(dim1=1, dim2=2).sqrt()
     scale = sd.unsqueeze(-1) * sd.unsqueeze(-2)
     assert ((f_var.double() - truth).abs() / scale).max() < 5 * (2 / S) ** 0.5
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag"])
+def test_float32_exact_rows_for_kron_and_diag_without_factors(structure, monkeypatch):
+    """A float32 network without Jacobian factors (a reused layer), prior 1e-2, one output
+    row at a time beyond the single-input budget: the marginal variances against the truth
+    from the same weights, data and posterior precision in float64, within the float32
+    predictive target of 1e-3 relative (``TARGETS["var"]`` of tests/test_float32.py)."""
+    from float32_truth import make_data as make_data32
+
+    model = ReusedLayerMLP().float()
+    x = make_data32("classification", 20, 3, (3,), seed=2)[0]
+    y = model(x).argmax(-1).detach()
+    la = Laplace(model, "classification", "all", structure, prior_precision=1e-2)
+    la.fit(DataLoader(TensorDataset(x, y), batch_size=10))
+    J64 = dense_jacobians(copy.deepcopy(model).double(), x.double())
+    P = la.posterior.to_dense().double()
+    truth = torch.einsum("bcp,pq,bcq->bc", J64, torch.linalg.inv(P), J64)
+    with memory_budget(2 * 3 * la.n_params * 4 - 1):
+        _, marginal = la._glm_predictive_diagonal(x)
+    assert marginal.dtype == torch.float32
+    assert ((marginal.double() - truth).abs() / truth).max() <= 1e-3
